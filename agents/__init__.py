@@ -1,0 +1,1 @@
+"""Stream agents of FinFlow."""

@@ -1,0 +1,86 @@
+"""The ingest agent: batches of raw transaction records into the accounts table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import faust
+
+from agents.processor import IngestProcessor, MessageLike, Outputs
+from agents.topology import (
+    BY_ACCOUNT,
+    TRANSACTIONS,
+    accounts,
+    by_account_topic,
+    dlq_topic,
+    ingest_topic,
+)
+from finflow.app import app, settings
+from models.exceptions import ValidationError
+
+SOURCE_HEADERS = ("finflow.source.topic", "finflow.source.partition", "finflow.source.offset")
+
+
+def _headers(msg: MessageLike) -> dict[str, bytes]:
+    raw = msg.headers or []
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    return {k: v for k, v in pairs}
+
+
+def _source(msg: MessageLike) -> dict[str, bytes]:
+    """Where a record first entered FinFlow (kept through the by-account re-keying)."""
+    if msg.topic == BY_ACCOUNT:
+        kept = {k: v for k, v in _headers(msg).items() if k in SOURCE_HEADERS}
+        if len(kept) == len(SOURCE_HEADERS):
+            return kept
+    return {
+        "finflow.source.topic": msg.topic.encode(),
+        "finflow.source.partition": str(msg.partition).encode(),
+        "finflow.source.offset": str(msg.offset).encode(),
+    }
+
+
+def dead_letter(msg: MessageLike, error: ValidationError) -> None:
+    """Send the original bytes, unchanged, to the dead-letter topic with the reason."""
+    headers = {
+        **_source(msg),
+        "finflow.error.reason": error.reason.value.encode(),
+        "finflow.error.message": error.message.encode(),
+    }
+    key = _headers(msg).get("finflow.original.key", msg.key) if msg.topic == BY_ACCOUNT else msg.key
+    dlq_topic.send_soon(
+        key=key, value=msg.value, headers=list(headers.items()), key_serializer="raw",
+        value_serializer="raw",
+    )
+
+
+def forward(msg: MessageLike, key: bytes, partition: int) -> None:
+    """Re-key a record to its account's partition of the by-account topic."""
+    headers = {**_headers(msg), **_source(msg)}
+    if msg.key is not None:
+        headers["finflow.original.key"] = msg.key
+    by_account_topic.send_soon(
+        key=key, value=msg.value, partition=partition, headers=list(headers.items()),
+        key_serializer="raw", value_serializer="raw",
+    )
+
+
+def _partitions() -> int:
+    return app.consumer.topic_partitions(TRANSACTIONS) or settings.topic_partitions
+
+
+processor = IngestProcessor(
+    accounts,
+    settings,
+    Outputs(dead_letter=dead_letter, forward=forward),
+    source_topics=(TRANSACTIONS, BY_ACCOUNT),
+    partitions=_partitions,
+)
+
+
+@app.agent(ingest_topic)
+async def ingest(stream: faust.StreamT[Any]) -> None:
+    """Apply transactions in batches; events are acked only after their batch is written."""
+    within = settings.batch_within_ms / 1000
+    async for events in stream.take_events(settings.batch_size, within=within):
+        processor.process([event.message for event in events])

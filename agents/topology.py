@@ -1,0 +1,40 @@
+"""Topics and tables of the FinFlow stream topology."""
+
+from __future__ import annotations
+
+import faust
+
+from finflow.app import app, settings
+from tables.store import PartitionedTable
+
+TRANSACTIONS = "transactions"
+DLQ = "transactions-dlq"
+ALERTS = "alerts"
+BY_ACCOUNT = f"{settings.app_id}-transactions-by-account"
+_RETENTION = {"retention.ms": str(7 * 86_400_000), "retention.bytes": "-1"}
+
+transactions_topic = app.topic(
+    TRANSACTIONS, partitions=settings.topic_partitions, config=_RETENTION
+)
+by_account_topic = app.topic(
+    BY_ACCOUNT, partitions=settings.topic_partitions, internal=True, config=_RETENTION
+)
+# The agent reads both: records keyed by their account are processed where they land,
+# the rest are first re-keyed to the by-account topic (co-partitioning, as group_by does).
+ingest_topic = app.topic(TRANSACTIONS, BY_ACCOUNT, partitions=settings.topic_partitions)
+dlq_topic = app.topic(DLQ, partitions=settings.topic_partitions, config=_RETENTION)
+alerts_topic = app.topic(ALERTS, partitions=settings.topic_partitions, config=_RETENTION)
+
+accounts = app.tables.add(
+    PartitionedTable(
+        app,
+        name="accounts",
+        beacon=app.tables.beacon,
+        partitions=settings.topic_partitions,
+        schema=faust.Schema(
+            key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+        ),
+        extra_topic_configs={"retention.ms": "-1", "retention.bytes": "-1"},
+        help="Per-account windows, profile and de-duplication state (tables.state).",
+    )
+)

@@ -1,0 +1,43 @@
+"""The one Faust application of FinFlow; importing it reads settings but opens no connection."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import faust
+
+from finflow import settings as settings_module
+
+settings = settings_module.from_env()
+
+
+def create_app(conf: settings_module.Settings) -> faust.App:
+    """Build the Faust app from FinFlow settings."""
+    return faust.App(
+        conf.app_id,
+        origin="finflow.app",
+        autodiscover=["agents", "finflow.views"],
+        broker=list(conf.broker_urls),
+        store="rocksdb://",
+        datadir=conf.data_dir,
+        web_port=conf.web_port,
+        web_bind=conf.web_host,
+        canonical_url=conf.web_url,
+        topic_partitions=conf.topic_partitions,
+        topic_allow_declare=True,
+        topic_disable_leader=True,
+        processing_guarantee=conf.processing_guarantee,
+        broker_session_timeout=conf.session_timeout_ms / 1000,
+        broker_heartbeat_interval=conf.heartbeat_ms / 1000,
+        broker_commit_interval=timedelta(seconds=1),
+        table_standby_replicas=conf.standby_replicas,
+        consumer_auto_offset_reset="earliest",
+        key_serializer="raw",
+        value_serializer="raw",
+        producer_linger=0.005,
+        producer_max_batch_size=512 * 1024,
+        web_enabled=True,
+    )
+
+
+app = create_app(settings)

@@ -1,0 +1,21 @@
+"""Typed errors of the service layer (configuration, HTTP API)."""
+
+from __future__ import annotations
+
+
+class FinFlowError(Exception):
+    """Base class of FinFlow's own errors."""
+
+
+class ConfigError(FinFlowError):
+    """A configuration variable has a bad value; the message names the variable."""
+
+
+class ApiError(FinFlowError):
+    """An HTTP API error with a JSON body ``{"error": code, "message": ...}``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message

@@ -1,0 +1,54 @@
+"""Parsing and bounds of HTTP query parameters (400 with a clear message on anything bad)."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+
+from finflow.errors import ApiError
+from models.exceptions import ValidationError
+from models.transaction import parse_timestamp
+from tables.windows import MINUTE_MS, WINDOW_SIZES
+
+MAX_SPAN_MS = 1440 * MINUTE_MS
+_SPAN_RE = re.compile(r"([1-9]\d{0,4})([mh])")
+
+
+def bad(name: str, message: str) -> ApiError:
+    return ApiError(400, "invalid_parameter", f"{name}: {message}")
+
+
+def window(query: Mapping[str, str]) -> str:
+    """The ``window`` parameter: one of 1m, 1h, 1d (required)."""
+    value = query.get("window")
+    if value not in WINDOW_SIZES:
+        raise bad("window", "must be one of 1m, 1h, 1d")
+    return value
+
+
+def span_ms(query: Mapping[str, str]) -> int:
+    """The ``span`` parameter: whole minutes or hours from 1m to 24h (required)."""
+    value = query.get("span", "")
+    match = _SPAN_RE.fullmatch(value)
+    if match is None:
+        raise bad("span", "must look like 10m or 2h")
+    ms = int(match.group(1)) * (MINUTE_MS if match.group(2) == "m" else 60 * MINUTE_MS)
+    if not MINUTE_MS <= ms <= MAX_SPAN_MS:
+        raise bad("span", "must be from 1m to 24h")
+    return ms
+
+
+def instant_ms(query: Mapping[str, str], name: str, *, required: bool = False) -> int:
+    """An RFC 3339 time with offset or epoch milliseconds; now when absent and optional."""
+    value = query.get(name)
+    if value is None:
+        if required:
+            raise bad(name, "is required")
+        return int(time.time() * 1000)
+    if len(value) > 64:
+        raise bad(name, "is too long")
+    try:
+        return parse_timestamp(int(value) if value.isdigit() else value)
+    except ValidationError as exc:
+        raise bad(name, exc.message) from None

@@ -1,0 +1,150 @@
+"""HTTP API: live aggregates from the accounts table, answered by every worker."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from typing import Any
+
+from faust.types import TP
+from faust.web import Request, Response, View
+
+from agents.processor import key_partition
+from agents.topology import accounts
+from finflow import params
+from finflow.app import app, settings
+from finflow.errors import ApiError
+from models.aggregates import format_ms
+from tables.state import AccountState
+
+FORWARDED = "X-FinFlow-Forwarded"
+Render = Callable[[AccountState], dict[str, Any]]
+
+
+def error(view: View, exc: ApiError) -> Response:
+    return view.json({"error": exc.code, "message": exc.message}, status=exc.status)
+
+
+def authorize(request: Request) -> None:
+    """Require a configured bearer token when ``FINFLOW_API_TOKENS`` is set."""
+    if not settings.api_tokens:
+        return
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    given = token.strip().encode()
+    ok = scheme.lower() == "bearer" and any(
+        hmac.compare_digest(given, t.encode()) for t in settings.api_tokens
+    )
+    if not ok:
+        raise ApiError(401, "unauthorized", "a valid bearer token is required")
+
+
+def is_ready() -> bool:
+    """Partitions assigned and tables recovered."""
+    recovery = app.tables.recovery
+    return bool(recovery.completed.is_set() and not recovery.in_recovery and not app.rebalancing)
+
+
+async def serve_account(
+    view: View, request: Request, account_id: str, render: Render
+) -> Response:
+    """Answer from the local table when this worker owns the account, else forward."""
+    key = account_id.encode()
+    partition = key_partition(key, accounts.partitions or settings.topic_partitions)
+    tp = TP(accounts.changelog_topic.get_topic_name(), partition)
+    if app.assignor.is_active(tp):
+        if not is_ready():
+            raise ApiError(503, "recovering", "the account's partition is recovering")
+        raw = accounts.read(partition, key)
+        if raw is None:
+            raise ApiError(404, "unknown_account", f"account {account_id!r} was never seen")
+        state = AccountState.decode(raw)
+        body = {"account_id": account_id, **render(state), "as_of": format_ms(state.updated_ms)}
+        return view.json(body)
+    if request.headers.get(FORWARDED):
+        raise ApiError(503, "rebalancing", "partition ownership is moving; retry shortly")
+    return await forward(view, request, key)
+
+
+async def forward(view: View, request: Request, key: bytes) -> Response:
+    try:
+        url = app.router.key_store(accounts.name, key)
+    except KeyError:
+        raise ApiError(503, "rebalancing", "no worker owns the account's partition yet") from None
+    target = request.url.with_scheme(url.scheme or "http").with_host(url.host or "").with_port(
+        url.port)
+    headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization",)}
+    headers[FORWARDED] = "1"
+    try:
+        async with app.http_client.get(target, headers=headers, timeout=5) as resp:
+            text = await resp.text()
+            return view.text(text, content_type="application/json", status=resp.status)
+    except (OSError, TimeoutError) as exc:
+        raise ApiError(503, "owner_unreachable", f"owner worker unreachable: {exc}") from None
+
+
+@app.page("/accounts/{account_id}/aggregates")
+class AggregatesView(View):
+    """The tumbling window of a size that contains a time."""
+
+    async def get(self, request: Request, account_id: str) -> Response:
+        try:
+            authorize(request)
+            name = params.window(request.query)
+            at_ms = params.instant_ms(request.query, "at")
+
+            def render(state: AccountState) -> dict[str, Any]:
+                agg = state.window(name, at_ms)
+                return {
+                    "window": name,
+                    "window_start": format_ms(agg.start_ms),
+                    "window_end": format_ms(agg.end_ms),
+                    **agg.body(),
+                }
+
+            return await serve_account(self, request, account_id, render)
+        except ApiError as exc:
+            return error(self, exc)
+
+
+@app.page("/accounts/{account_id}/rolling")
+class RollingView(View):
+    """Aggregates over the whole minutes of a span ending with the minute of a time."""
+
+    async def get(self, request: Request, account_id: str) -> Response:
+        try:
+            authorize(request)
+            span_ms = params.span_ms(request.query)
+            span = request.query["span"]
+            at_ms = params.instant_ms(request.query, "at")
+
+            def render(state: AccountState) -> dict[str, Any]:
+                agg = state.rolling(span_ms, at_ms)
+                return {
+                    "span": span,
+                    "from": format_ms(agg.start_ms),
+                    "to": format_ms(agg.end_ms),
+                    **agg.body(),
+                }
+
+            return await serve_account(self, request, account_id, render)
+        except ApiError as exc:
+            return error(self, exc)
+
+
+@app.page("/healthz")
+class HealthView(View):
+    """200 while the process runs."""
+
+    async def get(self, request: Request) -> Response:
+        return self.json({"status": "ok"})
+
+
+@app.page("/readyz")
+class ReadyView(View):
+    """200 once partitions are assigned and tables recovered, 503 otherwise."""
+
+    async def get(self, request: Request) -> Response:
+        if is_ready():
+            return self.json({"status": "ready"})
+        return self.json({"error": "not_ready", "message": "recovering or rebalancing"}, status=503)

@@ -1,0 +1,1 @@
+"""Typed records of FinFlow: transactions, aggregates, validation errors."""

@@ -1,0 +1,200 @@
+"""The transaction model and its validation against the external contract."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import orjson
+
+from models.currencies import minor_digits
+from models.exceptions import Reason, ValidationError
+
+MAX_ABS_UNITS = 10**12
+MAX_EPOCH_MS = 253_402_300_800_000  # 10000-01-01T00:00:00Z, exclusive
+_AMOUNT_RE = re.compile(r"([+-]?)(\d+)(?:\.(\d+))?")
+_RFC3339_RE = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.(\d+))?(?:[Zz]|[+-]\d{2}:\d{2})"
+)
+_MCC_RE = re.compile(r"\d{4}")
+_COUNTRY_RE = re.compile(r"[A-Z]{2}")
+_OPTIONAL = ("merchant_id", "mcc", "country", "channel")
+
+
+@dataclass(slots=True, frozen=True)
+class Transaction:
+    """A validated transaction; money is kept in integer minor units of its currency."""
+
+    transaction_id: str
+    account_id: str
+    amount_minor: int
+    currency: str
+    event_ms: int
+    merchant_id: str | None = None
+    mcc: str | None = None
+    country: str | None = None
+    channel: str | None = None
+
+    @property
+    def amount(self) -> Decimal:
+        """The amount as an exact decimal."""
+        return Decimal(self.amount_minor).scaleb(-(minor_digits(self.currency) or 0))
+
+
+def decode(value: bytes) -> Any:
+    """Decode JSON bytes; numbers orjson cannot hold (huge integers) fall back to stdlib."""
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        try:
+            return json.loads(value)
+        except (ValueError, RecursionError):
+            raise ValidationError(Reason.INVALID_JSON, f"not valid JSON: {exc}") from None
+
+
+def parse_transaction(
+    key: bytes | None, value: bytes, *, now_ms: int, oldest_ms: int, max_future_ms: int
+) -> Transaction:
+    """Validate one ``transactions`` record; raise :class:`ValidationError` on any broken rule.
+
+    ``oldest_ms`` is the oldest event time still inside the longest window's retention and
+    ``max_future_ms`` how far ahead of ``now_ms`` an event time may be.
+    """
+    obj = decode(value)
+    if not isinstance(obj, dict):
+        raise ValidationError(Reason.INVALID_SCHEMA, "value is not a JSON object")
+    txid = _required_str(obj, "transaction_id")
+    account = _required_str(obj, "account_id")
+    raw_amount = _required(obj, "amount", (str, int, float))
+    currency = _required_str(obj, "currency")
+    raw_ts = _required(obj, "timestamp", (str, int, float))
+    optional = {name: _optional_str(obj, name) for name in _OPTIONAL}
+    _check_length("transaction_id", txid)
+    _check_length("account_id", account)
+    digits = _currency_digits(currency)
+    amount_minor = parse_amount(raw_amount, digits)
+    event_ms = parse_timestamp(raw_ts)
+    if event_ms > now_ms + max_future_ms:
+        raise ValidationError(Reason.INVALID_TIMESTAMP, "event time is too far in the future")
+    _check_optional(optional)
+    if key is not None and key != account.encode():
+        raise ValidationError(Reason.KEY_MISMATCH, "account_id differs from the message key")
+    if event_ms < oldest_ms:
+        raise ValidationError(Reason.TOO_LATE, "event time is older than the window retention")
+    return Transaction(txid, account, amount_minor, currency, event_ms, **optional)
+
+
+def _required(obj: dict[str, Any], name: str, types: tuple[type, ...]) -> Any:
+    value = obj.get(name)
+    if value is None or isinstance(value, bool) or not isinstance(value, types):
+        raise ValidationError(Reason.INVALID_SCHEMA, f"{name} is missing or of the wrong type")
+    return value
+
+
+def _required_str(obj: dict[str, Any], name: str) -> str:
+    value: str = _required(obj, name, (str,))
+    return value
+
+
+def _optional_str(obj: dict[str, Any], name: str) -> str | None:
+    value = obj.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ValidationError(Reason.INVALID_SCHEMA, f"{name} must be a string")
+    return value
+
+
+def _check_length(name: str, value: str) -> None:
+    if not 1 <= len(value) <= 64:
+        raise ValidationError(Reason.INVALID_SCHEMA, f"{name} must have 1 to 64 characters")
+
+
+def _check_optional(optional: dict[str, str | None]) -> None:
+    mcc, country = optional["mcc"], optional["country"]
+    if mcc is not None and not _MCC_RE.fullmatch(mcc):
+        raise ValidationError(Reason.INVALID_SCHEMA, "mcc must be a 4-digit string")
+    if country is not None and not _COUNTRY_RE.fullmatch(country):
+        raise ValidationError(Reason.INVALID_SCHEMA, "country must be ISO 3166-1 alpha-2")
+
+
+def _currency_digits(currency: str) -> int:
+    digits = minor_digits(currency)
+    if digits is None:
+        raise ValidationError(Reason.INVALID_CURRENCY, "currency is not an ISO 4217 code")
+    return digits
+
+
+def parse_amount(raw: str | int | float, digits: int) -> int:
+    """Return ``raw`` in integer minor units with ``digits`` decimals, or raise."""
+    if isinstance(raw, str):
+        minor = _amount_from_text(raw, digits)
+    elif isinstance(raw, int):
+        if abs(raw) >= MAX_ABS_UNITS:
+            raise ValidationError(Reason.INVALID_AMOUNT, "absolute amount must be below 10^12")
+        minor = raw * 10**digits
+    else:
+        minor = _amount_from_float(raw, digits)
+    if minor == 0:
+        raise ValidationError(Reason.INVALID_AMOUNT, "amount must not be zero")
+    return minor
+
+
+def _amount_from_text(text: str, digits: int) -> int:
+    match = _AMOUNT_RE.fullmatch(text)
+    if match is None:
+        raise ValidationError(Reason.INVALID_AMOUNT, "amount is not a decimal number")
+    sign, units, fraction = match.groups()
+    fraction = (fraction or "").rstrip("0") if len(fraction or "") > digits else fraction or ""
+    if len(fraction) > digits:
+        raise ValidationError(Reason.INVALID_AMOUNT, f"amount has more than {digits} decimals")
+    if len(units.lstrip("0")) > 12 or int(units) >= MAX_ABS_UNITS:
+        raise ValidationError(Reason.INVALID_AMOUNT, "absolute amount must be below 10^12")
+    minor = int(units) * 10**digits + int(fraction.ljust(digits, "0") or "0")
+    return -minor if sign == "-" else minor
+
+
+def _amount_from_float(value: float, digits: int) -> int:
+    try:
+        exact = Decimal(repr(value))
+    except InvalidOperation:
+        raise ValidationError(Reason.INVALID_AMOUNT, "amount is not finite") from None
+    if not exact.is_finite() or abs(exact) >= MAX_ABS_UNITS:
+        raise ValidationError(Reason.INVALID_AMOUNT, "absolute amount must be below 10^12")
+    scaled = exact.scaleb(digits)
+    if scaled != scaled.to_integral_value():
+        raise ValidationError(Reason.INVALID_AMOUNT, f"amount has more than {digits} decimals")
+    return int(scaled)
+
+
+def parse_timestamp(raw: str | int | float) -> int:
+    """Event time in epoch milliseconds from an RFC 3339 string or epoch milliseconds."""
+    if isinstance(raw, str):
+        return _ms_from_rfc3339(raw)
+    if isinstance(raw, float):
+        if not raw.is_integer():
+            raise ValidationError(Reason.INVALID_TIMESTAMP, "epoch milliseconds must be whole")
+        raw = int(raw)
+    if not 0 <= raw < MAX_EPOCH_MS:
+        raise ValidationError(Reason.INVALID_TIMESTAMP, "epoch milliseconds out of range")
+    return raw
+
+
+def _ms_from_rfc3339(text: str) -> int:
+    match = _RFC3339_RE.fullmatch(text)
+    if match is None:
+        raise ValidationError(Reason.INVALID_TIMESTAMP, "not an RFC 3339 time with offset")
+    fraction = match.group(1)
+    if fraction is not None and len(fraction) > 6:  # datetime keeps microseconds only
+        text = text.replace(fraction, fraction[:6], 1)
+    try:
+        moment = datetime.fromisoformat(text.replace("z", "Z").replace("t", "T"))
+    except ValueError:
+        raise ValidationError(Reason.INVALID_TIMESTAMP, "not a valid calendar time") from None
+    seconds = moment.timestamp()
+    ms = int(seconds) * 1000 + moment.microsecond // 1000
+    if not 0 <= ms < MAX_EPOCH_MS:
+        raise ValidationError(Reason.INVALID_TIMESTAMP, "event time out of range")
+    return ms

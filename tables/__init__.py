@@ -1,0 +1,1 @@
+"""Per-account table state: windows, profile, de-duplication."""

@@ -1,0 +1,118 @@
+"""Per-account state: windows, profile, de-duplication and source offsets, stored as one value.
+
+Everything one transaction changes lives in one table value, so a single table write (and a
+single changelog record) carries all of it atomically. Each value remembers the last source
+offset it reflects per source topic; a redelivered record at or below it is skipped, which
+makes at-least-once delivery produce exact aggregates without broker transactions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from models.aggregates import Aggregate
+from models.transaction import Transaction
+from tables import profile, windows
+
+DAY_MS = 86_400_000
+SOURCES = 2  # 0: the transactions topic, 1: the internal by-account repartition topic
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long each window size and the de-duplication ids are kept, in milliseconds."""
+
+    window_ms: tuple[int, int, int] = (DAY_MS + windows.MINUTE_MS, 8 * DAY_MS, 35 * DAY_MS)
+    dedup_ms: int = DAY_MS
+
+    @property
+    def longest_ms(self) -> int:
+        return max(self.window_ms)
+
+
+_SIZES = tuple(windows.WINDOW_SIZES.values())
+
+
+class AccountState:
+    """Mutable view over one account's stored value (a JSON-ready dict)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+    @classmethod
+    def new(cls) -> AccountState:
+        return cls({"o": [-1] * SOURCES, "w": [{}, {}, {}], "s": {}, "p": profile.new(), "u": 0})
+
+    @classmethod
+    def decode(cls, raw: bytes) -> AccountState:
+        return cls(orjson.loads(raw))
+
+    def encode(self) -> bytes:
+        return orjson.dumps(self.data)
+
+    def seen_offset(self, source: int, offset: int) -> bool:
+        """True when this value already reflects ``offset`` of ``source``."""
+        done: int = self.data["o"][source]
+        return offset <= done
+
+    def apply(self, txn: Transaction, source: int, offset: int, retention: Retention) -> bool:
+        """Count ``txn`` unless it repeats a transaction id; return whether it was counted."""
+        self.data["o"][source] = offset
+        seen: dict[str, int] = self.data["s"]
+        first = seen.get(txn.transaction_id)
+        if first is not None and abs(txn.event_ms - first) < retention.dedup_ms:
+            return False
+        seen[txn.transaction_id] = txn.event_ms
+        for size, buckets in zip(_SIZES, self.data["w"], strict=True):
+            key = str(windows.window_start(txn.event_ms, size))
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = windows.new_bucket()
+            windows.add(bucket, txn)
+        profile.add(self.data["p"], txn)
+        return True
+
+    def prune(self, now_ms: int, updated_ms: int, retention: Retention) -> None:
+        """Drop windows past their retention and ids past the de-duplication span."""
+        self.data["u"] = updated_ms
+        for size, keep_ms, buckets in zip(_SIZES, retention.window_ms, self.data["w"], strict=True):
+            cutoff = now_ms - keep_ms - size
+            for key in [k for k in buckets if int(k) <= cutoff]:
+                del buckets[key]
+        newest = profile.last_event_ms(self.data["p"])
+        if newest is not None:
+            cutoff = newest - retention.dedup_ms
+            seen: dict[str, int] = self.data["s"]
+            for txid in [t for t, ms in seen.items() if ms < cutoff]:
+                del seen[txid]
+
+    @property
+    def updated_ms(self) -> int:
+        updated: int = self.data["u"]
+        return updated
+
+    def window(self, name: str, at_ms: int) -> Aggregate:
+        """Aggregate of the ``name`` ("1m", "1h", "1d") window that contains ``at_ms``."""
+        size = windows.WINDOW_SIZES[name]
+        start = windows.window_start(at_ms, size)
+        bucket = self.data["w"][_SIZES.index(size)].get(str(start))
+        return windows.merge(start, start + size, [bucket] if bucket else [])
+
+    def rolling(self, span_ms: int, at_ms: int) -> Aggregate:
+        """Aggregate of the whole minutes ``[floor_min(at) - span + 1m, floor_min(at) + 1m)``."""
+        end = windows.window_start(at_ms, windows.MINUTE_MS) + windows.MINUTE_MS
+        start = end - span_ms
+        minutes: dict[str, windows.Bucket] = self.data["w"][0]
+        return windows.merge(
+            start, end, (b for k, b in minutes.items() if start <= int(k) < end)
+        )
+
+    @property
+    def profile(self) -> dict[str, Any]:
+        value: dict[str, Any] = self.data["p"]
+        return value
