@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--bad-ratio", type=float, default=0.0)
     gen.add_argument("--dup-ratio", type=float, default=0.0)
     gen.add_argument("--disorder", type=int, default=0, help="max out-of-order ms")
+    gen.add_argument("--keyless-ratio", type=float, default=0.0, help="share sent without key")
     gen.add_argument("--start", type=int, default=None, help="event time of the first record")
     gen.add_argument("--topic", default="transactions")
     gen.set_defaults(run=run_loadgen)
@@ -61,7 +62,7 @@ def run_loadgen(args: argparse.Namespace) -> int:
     spec = Spec(
         count=int(args.rate * args.duration), accounts=args.accounts, seed=args.seed,
         start_ms=start, rate=args.rate, bad_ratio=args.bad_ratio, dup_ratio=args.dup_ratio,
-        disorder_ms=args.disorder,
+        disorder_ms=args.disorder, keyless_ratio=args.keyless_ratio,
     )
     counts = asyncio.run(produce(_bootstrap(), args.topic, spec))
     print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())))

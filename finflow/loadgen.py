@@ -34,6 +34,7 @@ class Spec:
     bad_ratio: float = 0.0
     dup_ratio: float = 0.0
     disorder_ms: int = 0
+    keyless_ratio: float = 0.0
     account_prefix: str = "acct"
 
 
@@ -63,7 +64,8 @@ def generate(spec: Spec) -> Iterator[Record]:
         if roll < spec.dup_ratio + spec.bad_ratio:
             yield _bad(rng, account, txn)
             continue
-        record = Record(account.encode(), orjson.dumps(txn), "valid")
+        key = None if rng.random() < spec.keyless_ratio else account.encode()
+        record = Record(key, orjson.dumps(txn), "valid")
         sent.append(record)
         yield record
 
@@ -105,7 +107,7 @@ def _bad(rng: random.Random, account: str, txn: dict[str, object]) -> Record:
     if kind == "invalid_schema":
         del txn["amount"]
     elif kind == "invalid_amount":
-        txn["amount"] = rng.choice(("12.345", "0", "abc", "1000000000000"))
+        txn["amount"] = rng.choice(("12.3456", "0", "abc", "1000000000000"))
     elif kind == "invalid_currency":
         txn["currency"] = rng.choice(("usd", "XYZ", "US"))
     elif kind == "invalid_timestamp":

@@ -28,7 +28,8 @@ def mean_money(total: int, count: int, currency: str) -> str:
     """Mean of ``count`` amounts summing to ``total`` minor units, rounded half-even."""
     digits = minor_digits(currency) or 0
     exact = Decimal(total) / Decimal(count) / (Decimal(10) ** digits)
-    return f"{exact.quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_EVEN):.{digits}f}"
+    rounded = exact.quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_EVEN)
+    return f"{rounded.copy_abs() if rounded.is_zero() else rounded:.{digits}f}"  # no "-0.00"
 
 
 @dataclass(slots=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -16,11 +16,16 @@ from models.exceptions import Reason, ValidationError
 
 MAX_ABS_UNITS = 10**12
 MAX_EPOCH_MS = 253_402_300_800_000  # 10000-01-01T00:00:00Z, exclusive
-_AMOUNT_RE = re.compile(r"([+-]?)(\d+)(?:\.(\d+))?")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
+# Only ASCII digits count: Python's \d also matches other scripts' digits.
+_AMOUNT_RE = re.compile(r"([+-]?)(\d+)(?:\.(\d+))?", re.ASCII)
 _RFC3339_RE = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.(\d+))?(?:[Zz]|[+-]\d{2}:\d{2})"
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.(\d+))?(?:[Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)",
+    re.ASCII,
 )
-_MCC_RE = re.compile(r"\d{4}")
+_MCC_RE = re.compile(r"\d{4}", re.ASCII)
+_HUGE_INT = 10**18  # stands in for integers too long to parse; beyond every bound checked here
 _COUNTRY_RE = re.compile(r"[A-Z]{2}")
 _OPTIONAL = ("merchant_id", "mcc", "country", "channel")
 
@@ -46,14 +51,31 @@ class Transaction:
 
 
 def decode(value: bytes) -> Any:
-    """Decode JSON bytes; numbers orjson cannot hold (huge integers) fall back to stdlib."""
+    """Decode UTF-8 JSON bytes; numbers orjson cannot hold (huge integers) fall back to stdlib.
+
+    The fallback accepts no more than orjson does otherwise: strict UTF-8 (no UTF-16, no
+    encoded surrogates), no NaN/Infinity, no lone surrogate escapes (they cannot be re-encoded).
+    """
     try:
         return orjson.loads(value)
     except orjson.JSONDecodeError as exc:
-        try:
-            return json.loads(value)
-        except (ValueError, RecursionError):
-            raise ValidationError(Reason.INVALID_JSON, f"not valid JSON: {exc}") from None
+        error = exc
+    try:
+        obj = json.loads(value.decode(), parse_constant=_no_constant, parse_int=_clamped_int)
+        orjson.dumps(obj)
+    except (ValueError, TypeError, RecursionError):
+        raise ValidationError(Reason.INVALID_JSON, f"not valid JSON: {error}") from None
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _clamped_int(text: str) -> int:
+    if len(text.lstrip("-")) <= 18:
+        return int(text)
+    return -_HUGE_INT if text.startswith("-") else _HUGE_INT
 
 
 def parse_transaction(
@@ -193,8 +215,7 @@ def _ms_from_rfc3339(text: str) -> int:
         moment = datetime.fromisoformat(text.replace("z", "Z").replace("t", "T"))
     except ValueError:
         raise ValidationError(Reason.INVALID_TIMESTAMP, "not a valid calendar time") from None
-    seconds = moment.timestamp()
-    ms = int(seconds) * 1000 + moment.microsecond // 1000
+    ms = (moment - _EPOCH) // _ONE_MS  # exact and floored, unlike float timestamp()
     if not 0 <= ms < MAX_EPOCH_MS:
         raise ValidationError(Reason.INVALID_TIMESTAMP, "event time out of range")
     return ms

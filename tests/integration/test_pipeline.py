@@ -1,0 +1,71 @@
+"""The stream-table core end to end: real broker, real worker processes, HTTP reads."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from finflow.loadgen import BAD_KINDS, Spec, generate
+from tests.integration.checks import assert_exact, wait_counted
+from tests.integration.harness import Worker, consume_all, get_json, new_app_id, own_broker, produce
+from tests.integration.reference import Reference
+
+pytestmark = pytest.mark.asyncio
+
+
+def stream(count: int, accounts: int, seed: int) -> Spec:
+    """Recent event times, duplicates, disorder across minute boundaries, bad and keyless records."""
+    return Spec(
+        count=count, accounts=accounts, seed=seed, start_ms=int(time.time() * 1000) - 120_000,
+        rate=400.0, bad_ratio=0.04, dup_ratio=0.04, disorder_ms=90_000, keyless_ratio=0.05,
+    )
+
+
+async def test_stream_matches_reference_and_dead_letters(tmp_path: Path) -> None:
+    records = list(generate(stream(20_000, 600, seed=11)))
+    ref = Reference.of(records)
+    bad = [r for r in records if r.kind in BAD_KINDS]
+    assert len(ref.events) >= 500
+    assert {r.kind for r in bad} == set(BAD_KINDS)
+    with own_broker(tmp_path) as bootstrap:
+        app_id = new_app_id()
+        workers = [Worker(bootstrap, tmp_path, f"w{i}", app_id).start() for i in range(2)]
+        try:
+            await asyncio.gather(*(w.wait_ready() for w in workers))
+            await produce(bootstrap, records)
+            urls = [w.url for w in workers]
+            await wait_counted(urls, ref)
+            checks = await assert_exact(urls, ref)
+            assert checks > 3 * len(ref.events)
+
+            dlq = await consume_all(bootstrap, "transactions-dlq", len(bad))
+            by_value = {r.value: r for r in bad}
+            assert len({(m.partition, m.offset) for m in dlq}) == len(bad)
+            for msg in dlq:
+                headers = dict(msg.headers)
+                original = by_value[msg.value]  # the original bytes, unchanged
+                assert msg.key == original.key
+                assert headers["finflow.error.reason"].decode() == original.kind
+                assert headers["finflow.source.topic"] == b"transactions"
+                assert int(headers["finflow.source.offset"]) >= 0
+                assert headers["finflow.error.message"]
+            assert {m.value for m in dlq} == set(by_value)
+
+            async with aiohttp.ClientSession() as http:
+                status, body = await get_json(http, f"{urls[0]}/accounts/never-seen/aggregates?window=1h")
+                assert (status, body["error"]) == (404, "unknown_account")
+                account = next(iter(ref.events))
+                status, body = await get_json(
+                    http, f"{urls[1]}/accounts/{account}/aggregates?window=1m&at=1000000000000"
+                )
+                assert (status, body["count"], body["currencies"]) == (200, 0, {})
+                status, body = await get_json(http, f"{urls[1]}/accounts/{account}/rolling?span=0m")
+                assert (status, body["error"]) == (400, "invalid_parameter")
+            assert all(w.running for w in workers)
+        finally:
+            for w in workers:
+                w.stop()
