@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import faust
-
 from finflow.app import app, settings
 from tables.store import PartitionedTable
 
@@ -31,9 +29,8 @@ accounts = app.tables.add(
         name="accounts",
         beacon=app.tables.beacon,
         partitions=settings.topic_partitions,
-        schema=faust.Schema(
-            key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
-        ),
+        key_type=bytes,  # raw bytes keys: the changelog partition matches the message key's
+        value_type=bytes,
         extra_topic_configs={"retention.ms": "-1", "retention.bytes": "-1"},
         help="Per-account windows, profile and de-duplication state (tables.state).",
     )

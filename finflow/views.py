@@ -8,6 +8,7 @@ from typing import Any
 
 from faust.types import TP
 from faust.web import Request, Response, View
+from yarl import URL
 
 from agents.processor import key_partition
 from agents.topology import accounts
@@ -63,14 +64,21 @@ async def serve_account(
         return view.json(body)
     if request.headers.get(FORWARDED):
         raise ApiError(503, "rebalancing", "partition ownership is moving; retry shortly")
-    return await forward(view, request, key)
+    return await forward(view, request, tp)
 
 
-async def forward(view: View, request: Request, key: bytes) -> Response:
-    try:
-        url = app.router.key_store(accounts.name, key)
-    except KeyError:
-        raise ApiError(503, "rebalancing", "no worker owns the account's partition yet") from None
+def owner_url(tp: TP) -> URL | None:
+    """The advertised URL of the worker that owns ``tp`` in the latest assignment."""
+    for url, topics in app.router.table_metadata(accounts.name).items():
+        if tp.partition in topics.get(tp.topic, ()):
+            return URL(url)
+    return None
+
+
+async def forward(view: View, request: Request, tp: TP) -> Response:
+    url = owner_url(tp)
+    if url is None:
+        raise ApiError(503, "rebalancing", "no worker owns the account's partition yet")
     target = request.url.with_scheme(url.scheme or "http").with_host(url.host or "").with_port(
         url.port)
     headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization",)}

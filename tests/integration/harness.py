@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -140,4 +141,8 @@ async def consume_all(bootstrap: str, topic: str, expected: int, timeout: float 
 
 async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
     async with http.get(url) as resp:
-        return resp.status, await resp.json(content_type=None)
+        text = await resp.text()
+    try:
+        return resp.status, json.loads(text)
+    except ValueError:
+        raise AssertionError(f"{url} answered {resp.status} with non-JSON: {text[:300]}") from None

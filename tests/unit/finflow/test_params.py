@@ -29,9 +29,19 @@ def test_window(value: str) -> None:
     assert params.window({"window": value}) == value
 
 
-@pytest.mark.parametrize("query", [{}, {"window": ""}, {"window": "2m"}, {"window": "1D"},
-                                   {"window": "60s"}, {"window": "1w"}, {"window": " 1m"},
-                                   {"span": "1m"}])
+@pytest.mark.parametrize(
+    "query",
+    [
+        {},
+        {"window": ""},
+        {"window": "2m"},
+        {"window": "1D"},
+        {"window": "60s"},
+        {"window": "1w"},
+        {"window": " 1m"},
+        {"span": "1m"},
+    ],
+)
 def test_bad_window(query: dict[str, str]) -> None:
     rejected(lambda: params.window(query), "window")
 
@@ -55,8 +65,25 @@ def test_span(value: str, ms: int) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["0m", "0h", "1441m", "25h", "99999m", "", "10", "10s", "60000ms", "1d", "-5m", "10 m",
-     "1.5h", "m", "10M", " 10m", "1\u0660m"],
+    [
+        "0m",
+        "0h",
+        "1441m",
+        "25h",
+        "99999m",
+        "",
+        "10",
+        "10s",
+        "60000ms",
+        "1d",
+        "-5m",
+        "10 m",
+        "1.5h",
+        "m",
+        "10M",
+        " 10m",
+        "1\u0660m",
+    ],
 )
 def test_bad_span(value: str) -> None:
     rejected(lambda: params.span_ms({"span": value}), "span")

@@ -1,0 +1,84 @@
+"""Exact aggregates after ``kill -9`` of a worker, restarts and fail-over between workers."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from finflow.loadgen import generate
+from tests.integration.checks import assert_exact, wait_counted
+from tests.integration.harness import Worker, get_json, new_app_id, own_broker, produce
+from tests.integration.reference import Reference
+from tests.integration.test_pipeline import stream
+
+pytestmark = pytest.mark.asyncio
+
+
+async def counted(url: str, ref: Reference, accounts: list[str]) -> int:
+    """How many of the sampled accounts' events a worker has counted so far."""
+    total = 0
+    async with aiohttp.ClientSession() as http:
+        for account in accounts:
+            for start in ref.windows(account, "1d"):
+                try:
+                    status, body = await get_json(
+                        http, f"{url}/accounts/{account}/aggregates?window=1d&at={start}"
+                    )
+                except aiohttp.ClientError:
+                    continue
+                total += body["count"] if status == 200 else 0
+    return total
+
+
+async def kill_mid_stream(victim: Worker, url: str, ref: Reference) -> None:
+    """``kill -9`` the victim once some, but not all, of the sample is counted."""
+    sample = list(ref.events)[:40]
+    want = sum(len(ref.events[a]) for a in sample)
+    for _ in range(600):
+        done = await counted(url, ref, sample)
+        if done > want // 10:
+            break
+        await asyncio.sleep(0.05)
+    victim.kill()
+    assert 0 < done < want, f"not mid-stream: {done} of {want}"
+
+
+async def test_kill9_and_restart_is_exact(tmp_path: Path) -> None:
+    records = list(generate(stream(40_000, 800, seed=21)))
+    ref = Reference.of(records)
+    with own_broker(tmp_path) as bootstrap:
+        worker = Worker(bootstrap, tmp_path, "w", new_app_id()).start()
+        try:
+            await worker.wait_ready()
+            producing = asyncio.create_task(produce(bootstrap, records))
+            await kill_mid_stream(worker, worker.url, ref)
+            worker.start()  # same data directory: the unclean stop is detected
+            await producing
+            await worker.wait_ready()
+            await wait_counted([worker.url], ref)
+            await assert_exact([worker.url], ref)
+            assert "rebuilding tables from changelogs" in worker.log.read_text()
+        finally:
+            worker.stop()
+
+
+async def test_two_workers_one_killed_other_serves_all(tmp_path: Path) -> None:
+    records = list(generate(stream(30_000, 700, seed=31)))
+    ref = Reference.of(records)
+    with own_broker(tmp_path) as bootstrap:
+        app_id = new_app_id()
+        victim, survivor = (Worker(bootstrap, tmp_path, n, app_id).start() for n in ("a", "b"))
+        try:
+            await asyncio.gather(victim.wait_ready(), survivor.wait_ready())
+            producing = asyncio.create_task(produce(bootstrap, records))
+            await kill_mid_stream(victim, survivor.url, ref)
+            await producing
+            await wait_counted([survivor.url], ref)
+            await assert_exact([survivor.url], ref)
+            assert survivor.running
+        finally:
+            victim.stop()
+            survivor.stop()
