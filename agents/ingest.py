@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import faust
 
@@ -49,7 +49,10 @@ def dead_letter(msg: MessageLike, error: ValidationError) -> None:
     }
     key = _headers(msg).get("finflow.original.key", msg.key) if msg.topic == BY_ACCOUNT else msg.key
     dlq_topic.send_soon(
-        key=key, value=msg.value, headers=list(headers.items()), key_serializer="raw",
+        key=key,
+        value=msg.value,
+        headers=list(headers.items()),
+        key_serializer="raw",
         value_serializer="raw",
     )
 
@@ -60,8 +63,12 @@ def forward(msg: MessageLike, key: bytes, partition: int) -> None:
     if msg.key is not None:
         headers["finflow.original.key"] = msg.key
     by_account_topic.send_soon(
-        key=key, value=msg.value, partition=partition, headers=list(headers.items()),
-        key_serializer="raw", value_serializer="raw",
+        key=key,
+        value=msg.value,
+        partition=partition,
+        headers=list(headers.items()),
+        key_serializer="raw",
+        value_serializer="raw",
     )
 
 
@@ -82,5 +89,6 @@ processor = IngestProcessor(
 async def ingest(stream: faust.StreamT[Any]) -> None:
     """Apply transactions in batches; events are acked only after their batch is written."""
     within = settings.batch_within_ms / 1000
-    async for events in stream.take_events(settings.batch_size, within=within):
+    batches = cast(faust.Stream[Any], stream).take_events(settings.batch_size, within=within)
+    async for events in batches:
         processor.process([event.message for event in events])

@@ -23,15 +23,14 @@ ingest_topic = app.topic(TRANSACTIONS, BY_ACCOUNT, partitions=settings.topic_par
 dlq_topic = app.topic(DLQ, partitions=settings.topic_partitions, config=_RETENTION)
 alerts_topic = app.topic(ALERTS, partitions=settings.topic_partitions, config=_RETENTION)
 
-accounts = app.tables.add(
-    PartitionedTable(
-        app,
-        name="accounts",
-        beacon=app.tables.beacon,
-        partitions=settings.topic_partitions,
-        key_type=bytes,  # raw bytes keys: the changelog partition matches the message key's
-        value_type=bytes,
-        extra_topic_configs={"retention.ms": "-1", "retention.bytes": "-1"},
-        help="Per-account windows, profile and de-duplication state (tables.state).",
-    )
+accounts = PartitionedTable(
+    app,
+    name="accounts",
+    beacon=app.tables.beacon,
+    partitions=settings.topic_partitions,
+    key_type=bytes,  # raw bytes keys: the changelog partition matches the message key's
+    value_type=bytes,
+    extra_topic_configs={"retention.ms": "-1", "retention.bytes": "-1"},
+    help="Per-account windows, profile and de-duplication state (tables.state).",
 )
+app.tables.add(accounts)

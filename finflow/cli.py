@@ -44,7 +44,18 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--start", type=int, default=None, help="event time of the first record")
     gen.add_argument("--topic", default="transactions")
     gen.set_defaults(run=run_loadgen)
+    demo = sub.add_parser("demo", help="broker + worker + load generator, live aggregates")
+    demo.add_argument("--duration", type=float, default=30.0)
+    demo.add_argument("--rate", type=float, default=500.0)
+    demo.set_defaults(run=run_demo)
     return parser
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from finflow import demo
+
+    asyncio.run(demo.run(args.duration, args.rate))
+    return 0
 
 
 def _bootstrap() -> str:
@@ -60,9 +71,15 @@ def run_loadgen(args: argparse.Namespace) -> int:
 
     start = args.start if args.start is not None else int(time.time() * 1000)
     spec = Spec(
-        count=int(args.rate * args.duration), accounts=args.accounts, seed=args.seed,
-        start_ms=start, rate=args.rate, bad_ratio=args.bad_ratio, dup_ratio=args.dup_ratio,
-        disorder_ms=args.disorder, keyless_ratio=args.keyless_ratio,
+        count=int(args.rate * args.duration),
+        accounts=args.accounts,
+        seed=args.seed,
+        start_ms=start,
+        rate=args.rate,
+        bad_ratio=args.bad_ratio,
+        dup_ratio=args.dup_ratio,
+        disorder_ms=args.disorder,
+        keyless_ratio=args.keyless_ratio,
     )
     counts = asyncio.run(produce(_bootstrap(), args.topic, spec))
     print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())))

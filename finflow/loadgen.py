@@ -16,8 +16,13 @@ CURRENCIES = (("USD", 2, 70), ("EUR", 2, 12), ("GBP", 2, 8), ("JPY", 0, 6), ("KW
 COUNTRIES = ("US", "US", "US", "GB", "DE", "FR", "JP", "KW", "BR", "NG")
 CHANNELS = ("card_present", "ecommerce", "atm", "transfer")
 BAD_KINDS = (
-    "invalid_json", "invalid_schema", "invalid_amount", "invalid_currency",
-    "invalid_timestamp", "key_mismatch", "too_late",
+    "invalid_json",
+    "invalid_schema",
+    "invalid_amount",
+    "invalid_currency",
+    "invalid_timestamp",
+    "key_mismatch",
+    "too_late",
 )
 SENT_AT_HEADER = "finflow.sent_at"
 

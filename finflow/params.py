@@ -12,7 +12,7 @@ from models.transaction import parse_timestamp
 from tables.windows import MINUTE_MS, WINDOW_SIZES
 
 MAX_SPAN_MS = 1440 * MINUTE_MS
-_SPAN_RE = re.compile(r"([1-9]\d{0,4})([mh])")
+_SPAN_RE = re.compile(r"([1-9]\d{0,4})([mh])", re.ASCII)
 
 
 def bad(name: str, message: str) -> ApiError:
@@ -49,6 +49,6 @@ def instant_ms(query: Mapping[str, str], name: str, *, required: bool = False) -
     if len(value) > 64:
         raise bad(name, "is too long")
     try:
-        return parse_timestamp(int(value) if value.isdigit() else value)
+        return parse_timestamp(int(value) if value.isascii() and value.isdigit() else value)
     except ValidationError as exc:
         raise bad(name, exc.message) from None

@@ -112,8 +112,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         app_id=_read(env, "FINFLOW_APP_ID", d.app_id, _choice_id),
         broker_urls=_read(env, "FINFLOW_BROKER_URL", ",".join(d.broker_urls), _broker_urls),
         broker_flavor=_read(env, "FINFLOW_BROKER_FLAVOR", d.broker_flavor, _choice(FLAVORS)),
-        database_url=env.get("FINFLOW_DATABASE_URL", d.database_url),
-        redis_url=env.get("FINFLOW_REDIS_URL", d.redis_url),
+        database_url=_read(env, "FINFLOW_DATABASE_URL", d.database_url, _url(_PG_SCHEMES)),
+        redis_url=_read(env, "FINFLOW_REDIS_URL", d.redis_url, _url(_REDIS_SCHEMES)),
         web_host=env.get("FINFLOW_WEB_HOST", d.web_host),
         web_port=_read(env, "FINFLOW_WEB_PORT", str(d.web_port), _port),
         advertised_url=env.get("FINFLOW_ADVERTISED_URL", d.advertised_url),
@@ -131,6 +131,20 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         max_future_ms=_read(env, "FINFLOW_MAX_FUTURE_SKEW", "15m", parse_duration_ms),
         retention=retention,
     )
+
+
+_PG_SCHEMES = ("postgresql", "postgres")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        scheme, sep, _ = text.partition("://")
+        if not sep or scheme not in schemes:
+            raise ValueError(f"must be a {' or '.join(s + '://' for s in schemes)} URL")
+        return text
+
+    return parse
 
 
 def _port(text: str) -> int:

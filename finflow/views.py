@@ -6,6 +6,7 @@ import hmac
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 from faust.types import TP
 from faust.web import Request, Response, View
 from yarl import URL
@@ -19,6 +20,7 @@ from models.aggregates import format_ms
 from tables.state import AccountState
 
 FORWARDED = "X-FinFlow-Forwarded"
+_TIMEOUT = aiohttp.ClientTimeout(total=5)
 Render = Callable[[AccountState], dict[str, Any]]
 
 
@@ -42,13 +44,11 @@ def authorize(request: Request) -> None:
 
 def is_ready() -> bool:
     """Partitions assigned and tables recovered."""
-    recovery = app.tables.recovery
+    recovery = app.tables.recovery  # type: ignore[attr-defined]
     return bool(recovery.completed.is_set() and not recovery.in_recovery and not app.rebalancing)
 
 
-async def serve_account(
-    view: View, request: Request, account_id: str, render: Render
-) -> Response:
+async def serve_account(view: View, request: Request, account_id: str, render: Render) -> Response:
     """Answer from the local table when this worker owns the account, else forward."""
     key = account_id.encode()
     partition = key_partition(key, accounts.partitions or settings.topic_partitions)
@@ -79,12 +79,13 @@ async def forward(view: View, request: Request, tp: TP) -> Response:
     url = owner_url(tp)
     if url is None:
         raise ApiError(503, "rebalancing", "no worker owns the account's partition yet")
-    target = request.url.with_scheme(url.scheme or "http").with_host(url.host or "").with_port(
-        url.port)
+    target = (
+        request.url.with_scheme(url.scheme or "http").with_host(url.host or "").with_port(url.port)
+    )
     headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization",)}
     headers[FORWARDED] = "1"
     try:
-        async with app.http_client.get(target, headers=headers, timeout=5) as resp:
+        async with app.http_client.get(target, headers=headers, timeout=_TIMEOUT) as resp:
             text = await resp.text()
             return view.text(text, content_type="application/json", status=resp.status)
     except (OSError, TimeoutError) as exc:

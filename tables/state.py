@@ -63,11 +63,11 @@ class AccountState:
     def apply(self, txn: Transaction, source: int, offset: int, retention: Retention) -> bool:
         """Count ``txn`` unless it repeats a transaction id; return whether it was counted."""
         self.data["o"][source] = offset
-        seen: dict[str, int] = self.data["s"]
+        seen: dict[str, list[int]] = self.data["s"]
         first = seen.get(txn.transaction_id)
-        if first is not None and abs(txn.event_ms - first) < retention.dedup_ms:
+        if first is not None and abs(txn.event_ms - first[0]) < retention.dedup_ms:
             return False
-        seen[txn.transaction_id] = txn.event_ms
+        seen[txn.transaction_id] = [txn.event_ms, 0]  # seen-at is stamped by prune()
         for size, buckets in zip(_SIZES, self.data["w"], strict=True):
             key = str(windows.window_start(txn.event_ms, size))
             bucket = buckets.get(key)
@@ -84,12 +84,24 @@ class AccountState:
             cutoff = now_ms - keep_ms - size
             for key in [k for k in buckets if int(k) <= cutoff]:
                 del buckets[key]
-        newest = profile.last_event_ms(self.data["p"])
-        if newest is not None:
-            cutoff = newest - retention.dedup_ms
-            seen: dict[str, int] = self.data["s"]
-            for txid in [t for t, ms in seen.items() if ms < cutoff]:
-                del seen[txid]
+        self._prune_ids(updated_ms, retention.dedup_ms)
+
+    def _prune_ids(self, wall_ms: int, span_ms: int) -> None:
+        """Forget an id once its event time *and* the time it was seen are past the span.
+
+        Event time alone would forget a late event's id at once (its repeat seconds later
+        would count twice); processing time alone would grow without bound in a backfill.
+        """
+        newest = profile.last_event_ms(self.data["p"]) or 0
+        seen: dict[str, list[int]] = self.data["s"]
+        stale = []
+        for txid, entry in seen.items():
+            if entry[1] == 0:
+                entry[1] = wall_ms
+            elif entry[0] < newest - span_ms and entry[1] < wall_ms - span_ms:
+                stale.append(txid)
+        for txid in stale:
+            del seen[txid]
 
     @property
     def updated_ms(self) -> int:
@@ -108,9 +120,7 @@ class AccountState:
         end = windows.window_start(at_ms, windows.MINUTE_MS) + windows.MINUTE_MS
         start = end - span_ms
         minutes: dict[str, windows.Bucket] = self.data["w"][0]
-        return windows.merge(
-            start, end, (b for k, b in minutes.items() if start <= int(k) < end)
-        )
+        return windows.merge(start, end, (b for k, b in minutes.items() if start <= int(k) < end))
 
     @property
     def profile(self) -> dict[str, Any]:

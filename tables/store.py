@@ -13,11 +13,7 @@ from typing import Any
 
 import faust
 from faust.stores import rocksdb
-
-try:
-    from rocksdict import WriteBatch
-except ImportError:  # pragma: no cover - python-rocksdb build
-    WriteBatch = None
+from rocksdict import WriteBatch
 
 
 class PartitionedTable(faust.Table):
@@ -29,7 +25,8 @@ class PartitionedTable(faust.Table):
         if isinstance(store, rocksdb.Store):
             value: bytes | None = store._db_for_partition(partition).get(key)
             return value
-        return store.data.get(key)  # type: ignore[no-any-return]
+        found: bytes | None = store.data.get(key)
+        return found
 
     def write_batch(self, partition: int, items: Mapping[bytes, bytes]) -> None:
         """Store ``items`` in ``partition`` and send one changelog record per key."""
@@ -37,7 +34,7 @@ class PartitionedTable(faust.Table):
             return
         store: Any = self.data
         if isinstance(store, rocksdb.Store):
-            batch = WriteBatch(raw_mode=True) if store.use_rocksdict else rocksdb.rocksdb.WriteBatch()
+            batch = WriteBatch(raw_mode=True)  # faust picks rocksdict (pinned) for rocksdb://
             for key, value in items.items():
                 batch.put(key, value)
                 store._key_index[key] = partition

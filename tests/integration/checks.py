@@ -36,9 +36,8 @@ async def _day_counts(
         total = 0
         async with sem:
             for start in ref.windows(account, "1d"):
-                status, body = await get_json(
-                    http, f"{urls[i % len(urls)]}/accounts/{account}/aggregates?window=1d&at={start}"
-                )
+                url = f"{urls[i % len(urls)]}/accounts/{account}/aggregates"
+                status, body = await get_json(http, f"{url}?window=1d&at={start}")
                 total += body["count"] if status == 200 else -(10**9)
         return account, total
 

@@ -46,8 +46,9 @@ def own_broker(tmp: Path) -> Iterator[str]:
 class Worker:
     """One ``finflow worker`` process with its own web port and data directory."""
 
-    def __init__(self, bootstrap: str, tmp: Path, name: str, app_id: str,
-                 partitions: int = 4, **env: str) -> None:
+    def __init__(
+        self, bootstrap: str, tmp: Path, name: str, app_id: str, partitions: int = 4, **env: str
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / f"{name}.log"
@@ -65,8 +66,11 @@ class Worker:
 
     def start(self) -> Worker:
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(  # noqa: S603
-                [FINFLOW, "worker"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(
+                [FINFLOW, "worker"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         return self
@@ -123,8 +127,11 @@ async def produce(bootstrap: str, records: list[Record], topic: str = "transacti
 async def consume_all(bootstrap: str, topic: str, expected: int, timeout: float = 60) -> list[Any]:
     """Read ``topic`` from the start until ``expected`` records arrived or ``timeout``."""
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-        group_id=f"check-{uuid.uuid4().hex[:8]}", enable_auto_commit=False,
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        group_id=f"check-{uuid.uuid4().hex[:8]}",
+        enable_auto_commit=False,
     )
     await consumer.start()
     out: list[Any] = []

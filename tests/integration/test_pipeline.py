@@ -18,10 +18,17 @@ pytestmark = pytest.mark.asyncio
 
 
 def stream(count: int, accounts: int, seed: int) -> Spec:
-    """Recent event times, duplicates, disorder across minute boundaries, bad and keyless records."""
+    """Recent event times, duplicates, disorder across minutes, bad and keyless records."""
     return Spec(
-        count=count, accounts=accounts, seed=seed, start_ms=int(time.time() * 1000) - 120_000,
-        rate=400.0, bad_ratio=0.04, dup_ratio=0.04, disorder_ms=90_000, keyless_ratio=0.05,
+        count=count,
+        accounts=accounts,
+        seed=seed,
+        start_ms=int(time.time() * 1000) - 120_000,
+        rate=400.0,
+        bad_ratio=0.04,
+        dup_ratio=0.04,
+        disorder_ms=90_000,
+        keyless_ratio=0.05,
     )
 
 
@@ -56,7 +63,8 @@ async def test_stream_matches_reference_and_dead_letters(tmp_path: Path) -> None
             assert {m.value for m in dlq} == set(by_value)
 
             async with aiohttp.ClientSession() as http:
-                status, body = await get_json(http, f"{urls[0]}/accounts/never-seen/aggregates?window=1h")
+                unknown = f"{urls[0]}/accounts/never-seen/aggregates?window=1h"
+                status, body = await get_json(http, unknown)
                 assert (status, body["error"]) == (404, "unknown_account")
                 account = next(iter(ref.events))
                 status, body = await get_json(
