@@ -72,16 +72,12 @@ def forward(msg: MessageLike, key: bytes, partition: int) -> None:
     )
 
 
-def _partitions() -> int:
-    return app.consumer.topic_partitions(TRANSACTIONS) or settings.topic_partitions
-
-
 processor = IngestProcessor(
     accounts,
     settings,
     Outputs(dead_letter=dead_letter, forward=forward),
     source_topics=(TRANSACTIONS, BY_ACCOUNT),
-    partitions=_partitions,
+    partitions=settings.topic_partitions,  # checked against the topic at start (preflight)
 )
 
 

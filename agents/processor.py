@@ -67,7 +67,7 @@ class IngestProcessor:
         conf: Settings,
         outputs: Outputs,
         source_topics: Sequence[str],
-        partitions: Callable[[], int],
+        partitions: int,
     ) -> None:
         self.table = table
         self.conf = conf
@@ -81,7 +81,7 @@ class IngestProcessor:
         result = BatchResult()
         touched: dict[tuple[int, bytes], AccountState] = {}
         changed: set[tuple[int, bytes]] = set()
-        n = self.partitions()
+        n = self.partitions
         for msg in messages:
             txn = self._validate(msg, now_ms, result)
             if txn is None:

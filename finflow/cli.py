@@ -54,14 +54,15 @@ def _parser() -> argparse.ArgumentParser:
 def run_demo(args: argparse.Namespace) -> int:
     from finflow import demo
 
-    asyncio.run(demo.run(args.duration, args.rate))
+    demo.run(args.duration, args.rate)
     return 0
 
 
 def _bootstrap() -> str:
+    from finflow.preflight import bootstrap_of
     from finflow.settings import from_env
 
-    return ",".join(u.removeprefix("kafka://") for u in from_env().broker_urls)
+    return bootstrap_of(from_env())
 
 
 def run_loadgen(args: argparse.Namespace) -> int:
@@ -88,13 +89,14 @@ def run_loadgen(args: argparse.Namespace) -> int:
 
 def run_worker(args: argparse.Namespace) -> int:
     """Run the Faust worker; wipe local table state left by an unclean stop first."""
-    from finflow import tansu
+    from finflow import preflight, tansu
     from finflow.app import app, settings
 
     if settings.broker_flavor == "tansu" or (
         settings.broker_flavor == "auto" and asyncio.run(tansu.broker_is_tansu(_bootstrap()))
     ):
         tansu.apply()
+    asyncio.run(preflight.check_input_topic(settings, "transactions"))
     marker = Path(settings.data_dir) / f"{settings.app_id}.running"
     if marker.exists():
         log.warning("previous worker stopped uncleanly: rebuilding tables from changelogs")

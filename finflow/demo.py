@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -59,37 +60,63 @@ def _web_port(preferred: int) -> int:
         return int(sock.getsockname()[1])
 
 
-async def run(duration_s: float, rate: float, port: int = 9092, web_port: int = 6066) -> None:
+def _start_worker(port: int, web_port: int) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "FINFLOW_BROKER_URL": f"kafka://127.0.0.1:{port}",
+        "FINFLOW_WEB_PORT": str(web_port),
+        "FINFLOW_TOPIC_PARTITIONS": "4",
+        "FINFLOW_DATA_DIR": "var/demo",
+        "FINFLOW_APP_ID": "finflow-demo",
+    }
+    with Path("var/demo-worker.log").open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "finflow.cli", "worker"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def _watch(
+    port: int, url: str, worker: subprocess.Popen[bytes], duration_s: float, rate: float
+) -> None:
+    print("starting the worker (joins the group, recovers tables) ...", flush=True)
+    await _wait_ready(url, worker, 90)
+    spec = Spec(
+        count=int(rate * duration_s),
+        accounts=20,
+        seed=7,
+        start_ms=int(time.time() * 1000),
+        rate=rate,
+        bad_ratio=0.02,
+        dup_ratio=0.02,
+    )
+    print(f"producing {spec.count} transactions at {rate:.0f}/s over 20 accounts", flush=True)
+    loadgen = asyncio.create_task(produce(f"127.0.0.1:{port}", "transactions", spec))
+    accounts = [f"acct-{i:06d}" for i in range(3)]
+    while not loadgen.done():
+        await asyncio.sleep(2)
+        await _show(url, accounts)
+    print("load generator:", await loadgen, flush=True)
+    await asyncio.sleep(2)
+    await _show(url, accounts)
+
+
+def run(duration_s: float, rate: float, port: int = 9092, web_port: int = 6066) -> None:
     """Run the whole pipeline for ``duration_s`` seconds and print aggregates as they move."""
     Path("var").mkdir(exist_ok=True)
     web_port = _web_port(web_port)
     broker = None
     if not devbroker.answers_kafka(devbroker.HOST, port):
+        # A new in-memory broker has no changelogs: local table files of an earlier demo
+        # would claim offsets it never had, so they go.
+        shutil.rmtree("var/demo", ignore_errors=True)
         broker = devbroker.start_broker(port, log_path="var/demo-tansu.log")
         devbroker.wait_ready(devbroker.HOST, port, 30, proc=broker)
-    env = {**os.environ, "FINFLOW_BROKER_URL": f"kafka://127.0.0.1:{port}",
-           "FINFLOW_WEB_PORT": str(web_port), "FINFLOW_TOPIC_PARTITIONS": "4",
-           "FINFLOW_DATA_DIR": "var/demo", "FINFLOW_APP_ID": "finflow-demo"}
-    with Path("var/demo-worker.log").open("ab") as log:
-        worker = subprocess.Popen(  # noqa: S603 - our own console script
-            [sys.executable, "-m", "finflow.cli", "worker"], env=env, stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{web_port}"
+    worker = _start_worker(port, web_port)
     try:
-        print("starting the worker (joins the group, recovers tables) ...", flush=True)
-        await _wait_ready(url, worker, 90)
-        spec = Spec(count=int(rate * duration_s), accounts=20, seed=7,
-                    start_ms=int(time.time() * 1000), rate=rate, bad_ratio=0.02, dup_ratio=0.02)
-        print(f"producing {spec.count} transactions at {rate:.0f}/s over 20 accounts", flush=True)
-        loadgen = asyncio.create_task(produce(f"127.0.0.1:{port}", "transactions", spec))
-        accounts = [f"acct-{i:06d}" for i in range(3)]
-        while not loadgen.done():
-            await asyncio.sleep(2)
-            await _show(url, accounts)
-        print("load generator:", await loadgen, flush=True)
-        await asyncio.sleep(2)
-        await _show(url, accounts)
+        asyncio.run(_watch(port, f"http://127.0.0.1:{web_port}", worker, duration_s, rate))
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=30)

@@ -27,7 +27,7 @@ def parse_duration_ms(text: str) -> int:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = int(text) if text.isascii() and text.isdigit() else 0
     if value <= 0:
         raise ValueError("must be a positive integer")
     return value
@@ -148,14 +148,14 @@ def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
 
 
 def _port(text: str) -> int:
-    value = int(text)
+    value = int(text) if text.isascii() and text.isdigit() else 0
     if not 0 < value < 65536:
         raise ValueError("must be a TCP port (1-65535)")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    value = int(text) if text.isascii() and text.isdigit() else -1
     if value < 0:
         raise ValueError("must be zero or more")
     return value

@@ -51,7 +51,7 @@ def is_ready() -> bool:
 async def serve_account(view: View, request: Request, account_id: str, render: Render) -> Response:
     """Answer from the local table when this worker owns the account, else forward."""
     key = account_id.encode()
-    partition = key_partition(key, accounts.partitions or settings.topic_partitions)
+    partition = key_partition(key, settings.topic_partitions)
     tp = TP(accounts.changelog_topic.get_topic_name(), partition)
     if app.assignor.is_active(tp):
         if not is_ready():

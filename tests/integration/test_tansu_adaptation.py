@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
+import faust
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.conn import AIOKafkaConnection, create_conn
@@ -14,6 +15,7 @@ from aiokafka.protocol.api import Request
 from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.protocol.offset import OffsetRequest, OffsetResetStrategy
 from aiokafka.protocol.transaction import InitProducerIdRequest_v0
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
 from finflow import tansu
 
@@ -133,10 +135,41 @@ async def test_idempotent_producer_round_trip(broker: str, topic_factory: TopicF
     topic = await topic_factory()
     tansu.apply()
     producer = AIOKafkaProducer(bootstrap_servers=broker, enable_idempotence=True)
-    await producer.start()
     try:
+        await producer.start()
         sent = [await producer.send_and_wait(topic, f"m{i}".encode()) for i in range(3)]
     finally:
         await producer.stop()
     assert [meta.offset for meta in sent] == [0, 1, 2]
     assert await _consume_values(broker, topic, 3) == [b"m0", b"m1", b"m2"]
+
+
+def _exactly_once_consumer_thread(broker: str, name: str) -> AIOKafkaConsumerThread:
+    """Faust's real consumer thread object for an exactly_once worker (not started)."""
+    app = faust.App(name, broker=f"kafka://{broker}", processing_guarantee="exactly_once")
+    app.in_worker = True  # what faust's Worker sets; makes app.in_transaction true
+    thread = cast(Any, app.consumer)._thread
+    assert isinstance(thread, AIOKafkaConsumerThread)
+    return thread
+
+
+@pytest.mark.asyncio
+async def test_faust_exactly_once_recovery_highwaters(
+    broker: str, topic_factory: TopicFactory
+) -> None:
+    topic = await topic_factory()
+    await _produce_batches(broker, topic)
+    thread = _exactly_once_consumer_thread(broker, f"app-{topic}")
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker, isolation_level="read_committed")
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, 0)]
+        consumer.assign(tps)
+        consumer.pause(*tps)  # a fresh worker's changelog partition: no Fetch yet
+        thread._consumer = consumer
+        unpatched = await tansu._original_faust_highwaters(thread, tps)
+        assert unpatched == {tps[0]: None}, "Faust no longer uses last_stable_offset: remove (c)"
+        tansu.apply()
+        assert await thread._highwaters(tps) == {tps[0]: RECORDS}
+    finally:
+        await consumer.stop()

@@ -1,0 +1,49 @@
+"""A worker refuses to start on bad configuration, with one clear line naming the variable."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from tests.integration.harness import FINFLOW, Worker, new_app_id, own_broker
+
+pytestmark = pytest.mark.asyncio
+
+
+def run_worker(worker: Worker) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603
+        [FINFLOW, "worker"],
+        env=worker.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_input_topic_with_other_partition_count_fails_at_start(tmp_path: Path) -> None:
+    with own_broker(tmp_path) as bootstrap:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic("transactions", 3, 1)])
+        finally:
+            await admin.close()
+        done = run_worker(Worker(bootstrap, tmp_path, "w", new_app_id(), partitions=4))
+    assert done.returncode == 2
+    line = done.stderr.strip().splitlines()[-1]
+    assert "FINFLOW_TOPIC_PARTITIONS=4" in line
+    assert "has 3 partitions" in line
+
+
+async def test_bad_value_names_the_variable(tmp_path: Path) -> None:
+    worker = Worker("127.0.0.1:1", tmp_path, "w", new_app_id(), FINFLOW_WEB_PORT="http")
+    done = run_worker(worker)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "finflow: configuration error: FINFLOW_WEB_PORT='http' is invalid: "
+        "must be a TCP port (1-65535)"
+    ]
