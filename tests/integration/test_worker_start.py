@@ -14,7 +14,7 @@ pytestmark = pytest.mark.asyncio
 
 
 def run_worker(worker: Worker) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # noqa: S603
+    return subprocess.run(
         [FINFLOW, "worker"],
         env=worker.env,
         capture_output=True,
