@@ -87,6 +87,12 @@ class Settings:
     standby_replicas: int = 1
     max_future_ms: int = 15 * 60_000
     retention: Retention = field(default_factory=Retention)
+    db_chunk_interval_ms: int = 86_400_000
+    db_retention_ms: int = 400 * 86_400_000
+    db_compress_after_ms: int = 40 * 86_400_000
+    db_partitions_ahead: int = 3
+    sink_max_delay_ms: int = 1_000
+    sink_enabled: bool = True
 
     @property
     def web_url(self) -> str:
@@ -130,6 +136,12 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         standby_replicas=_read(env, "FINFLOW_STANDBY_REPLICAS", "1", _non_negative_int),
         max_future_ms=_read(env, "FINFLOW_MAX_FUTURE_SKEW", "15m", parse_duration_ms),
         retention=retention,
+        db_chunk_interval_ms=_read(env, "FINFLOW_DB_CHUNK_INTERVAL", "1d", parse_duration_ms),
+        db_retention_ms=_read(env, "FINFLOW_DB_RETENTION", "400d", parse_duration_ms),
+        db_compress_after_ms=_read(env, "FINFLOW_DB_COMPRESS_AFTER", "40d", parse_duration_ms),
+        db_partitions_ahead=_read(env, "FINFLOW_DB_PARTITIONS_AHEAD", "3", _non_negative_int),
+        sink_max_delay_ms=_read(env, "FINFLOW_SINK_MAX_DELAY", "1s", parse_duration_ms),
+        sink_enabled=_read(env, "FINFLOW_SINK_ENABLED", "true", _bool),
     )
 
 
@@ -145,6 +157,14 @@ def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
         return text
 
     return parse
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
 
 
 def _port(text: str) -> int:
