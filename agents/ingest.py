@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 import faust
+from faust.types import TP
 
 from agents.processor import IngestProcessor, MessageLike, Outputs
 from agents.topology import (
@@ -15,7 +16,9 @@ from agents.topology import (
     dlq_topic,
     ingest_topic,
 )
+from finflow import metrics
 from finflow.app import app, settings
+from finflow.sink import DatabaseSink
 from models.exceptions import ValidationError
 
 SOURCE_HEADERS = ("finflow.source.topic", "finflow.source.partition", "finflow.source.offset")
@@ -78,13 +81,44 @@ processor = IngestProcessor(
     Outputs(dead_letter=dead_letter, forward=forward),
     source_topics=(TRANSACTIONS, BY_ACCOUNT),
     partitions=settings.topic_partitions,  # checked against the topic at start (preflight)
+    rows=settings.sink_enabled,
 )
+sink = DatabaseSink(settings)
+if settings.sink_enabled:
+    app.add_dependency(sink)
 
 
 @app.agent(ingest_topic)
 async def ingest(stream: faust.StreamT[Any]) -> None:
     """Apply transactions in batches; events are acked only after their batch is written."""
-    within = settings.batch_within_ms / 1000
+    within = min(settings.batch_within_ms, settings.sink_max_delay_ms) / 1000
     batches = cast(faust.Stream[Any], stream).take_events(settings.batch_size, within=within)
     async for events in batches:
-        processor.process([event.message for event in events])
+        batch = processor.process([event.message for event in events])
+        if settings.sink_enabled:
+            # Rows are committed before the table values (and their changelog records) are
+            # written: a crash in between replays the batch, and the upserts are idempotent.
+            await sink.write(batch.txns, batch.snapshots)
+        processor.commit(batch)
+        metrics.observe_batch(batch.result)
+        positions.update(batch.result.positions)
+
+
+positions: dict[tuple[str, int], int] = {}
+
+
+@app.timer(5.0)
+async def report_progress() -> None:
+    """Consumer lag per partition, readiness and recovery progress as gauges."""
+    assigned = app.consumer.assignment()
+    for (topic, partition), position in list(positions.items()):
+        tp = TP(topic, partition)
+        if tp not in assigned:
+            del positions[(topic, partition)]
+            metrics.LAG.remove(topic, str(partition))
+            continue
+        highwater = app.consumer.highwater(tp)
+        if highwater is not None:
+            metrics.LAG.labels(topic, str(partition)).set(max(0, highwater - position))
+    recovery = app.tables.recovery  # type: ignore[attr-defined]
+    metrics.RECOVERY_REMAINING.set(recovery.active_remaining_total())

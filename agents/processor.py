@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiokafka.partitioner import murmur2
+from finflow.db.writer import SnapshotRow, TxnRow
 
+from agents import rows
 from finflow.settings import Settings
 from models.exceptions import Reason, ValidationError
 from models.transaction import Transaction, parse_transaction
@@ -31,6 +33,15 @@ class MessageLike(Protocol):
     key: bytes | None
     value: bytes | None
     headers: Any
+    timestamp: float
+
+
+def sent_at_s(headers: Any, timestamp: float) -> float:
+    """Send time from the load generator's ``finflow.sent_at`` header, else the record's."""
+    for name, value in headers or ():
+        if name == "finflow.sent_at":
+            return int(value) / 1000
+    return timestamp
 
 
 def key_partition(key: bytes, partitions: int) -> int:
@@ -48,6 +59,20 @@ class BatchResult:
     forwarded: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     accounts: int = 0
+    sent_s: list[float] = field(default_factory=list)  # send time of each counted record
+    event_ms: list[int] = field(default_factory=list)  # event time of each counted record
+    positions: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset per tp
+    records: dict[str, int] = field(default_factory=dict)  # records read per topic
+
+
+@dataclass(slots=True)
+class Batch:
+    """A processed batch: table values to write and rows for the database."""
+
+    result: BatchResult
+    writes: dict[int, dict[bytes, bytes]] = field(default_factory=dict)
+    txns: list[TxnRow] = field(default_factory=list)
+    snapshots: list[SnapshotRow] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -68,21 +93,26 @@ class IngestProcessor:
         outputs: Outputs,
         source_topics: Sequence[str],
         partitions: int,
+        rows: bool = True,
     ) -> None:
         self.table = table
         self.conf = conf
         self.outputs = outputs
         self.sources = {name: index for index, name in enumerate(source_topics)}
         self.partitions = partitions
+        self.rows = rows
 
-    def process(self, messages: Sequence[MessageLike], now_ms: int | None = None) -> BatchResult:
-        """Process one batch; all table writes are issued before this returns."""
+    def process(self, messages: Sequence[MessageLike], now_ms: int | None = None) -> Batch:
+        """Apply one batch to account states in memory; nothing is written yet (see commit)."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        result = BatchResult()
+        batch = Batch(BatchResult())
+        result = batch.result
         touched: dict[tuple[int, bytes], AccountState] = {}
-        changed: set[tuple[int, bytes]] = set()
+        changed: dict[tuple[int, bytes], set[tuple[str, int]]] = {}
         n = self.partitions
         for msg in messages:
+            result.positions[(msg.topic, msg.partition)] = msg.offset + 1
+            result.records[msg.topic] = result.records.get(msg.topic, 0) + 1
             txn = self._validate(msg, now_ms, result)
             if txn is None:
                 continue
@@ -100,14 +130,23 @@ class IngestProcessor:
             if state.seen_offset(source, msg.offset):
                 result.replayed += 1
                 continue
-            changed.add(slot)
+            windows = changed.setdefault(slot, set())
             if state.apply(txn, source, msg.offset, self.conf.retention):
                 result.accepted += 1
+                result.sent_s.append(sent_at_s(msg.headers, msg.timestamp))
+                result.event_ms.append(txn.event_ms)
+                if self.rows:
+                    windows.update(rows.touched_windows(txn))
+                    batch.txns.append(rows.txn_row(txn, msg.topic, msg.partition, msg.offset))
             else:
                 result.duplicates += 1
-        self._store({slot: touched[slot] for slot in changed}, now_ms)
-        result.accounts = len(changed)
-        return result
+        self._finish(batch, touched, changed, now_ms)
+        return batch
+
+    def commit(self, batch: Batch) -> None:
+        """Write the batch's account values (and their changelog records)."""
+        for partition, items in batch.writes.items():
+            self.table.write_batch(partition, items)
 
     def _validate(self, msg: MessageLike, now_ms: int, result: BatchResult) -> Transaction | None:
         try:
@@ -129,11 +168,19 @@ class IngestProcessor:
         raw = self.table.read(partition, key)
         return AccountState.new() if raw is None else AccountState.decode(raw)
 
-    def _store(self, touched: dict[tuple[int, bytes], AccountState], now_ms: int) -> None:
-        by_partition: dict[int, dict[bytes, bytes]] = {}
+    def _finish(
+        self,
+        batch: Batch,
+        touched: dict[tuple[int, bytes], AccountState],
+        changed: dict[tuple[int, bytes], set[tuple[str, int]]],
+        now_ms: int,
+    ) -> None:
         wall_ms = int(time.time() * 1000)
-        for (partition, key), state in touched.items():
+        for slot, windows in changed.items():
+            partition, key = slot
+            state = touched[slot]
             state.prune(now_ms, wall_ms, self.conf.retention)
-            by_partition.setdefault(partition, {})[key] = state.encode()
-        for partition, items in by_partition.items():
-            self.table.write_batch(partition, items)
+            batch.writes.setdefault(partition, {})[key] = state.encode()
+            if windows:
+                batch.snapshots.extend(rows.snapshot_rows(key.decode(), state, windows))
+        batch.result.accounts = len(changed)

@@ -6,6 +6,7 @@ from datetime import timedelta
 
 import faust
 
+from finflow import kafka_security
 from finflow import settings as settings_module
 
 settings = settings_module.from_env()
@@ -18,6 +19,7 @@ def create_app(conf: settings_module.Settings) -> faust.App:
         origin="finflow.app",
         autodiscover=["agents", "finflow.views"],
         broker=list(conf.broker_urls),
+        broker_credentials=kafka_security.faust_credentials(conf.broker_security),
         store="rocksdb://",
         datadir=conf.data_dir,
         web_port=conf.web_port,

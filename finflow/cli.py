@@ -44,11 +44,32 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--start", type=int, default=None, help="event time of the first record")
     gen.add_argument("--topic", default="transactions")
     gen.set_defaults(run=run_loadgen)
+    mig = sub.add_parser("migrate", help="create or upgrade the database schema (idempotent)")
+    mig.set_defaults(run=run_migrate)
     demo = sub.add_parser("demo", help="broker + worker + load generator, live aggregates")
     demo.add_argument("--duration", type=float, default=30.0)
     demo.add_argument("--rate", type=float, default=500.0)
     demo.set_defaults(run=run_demo)
     return parser
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    """Create the database if needed, apply pending migrations, maintain partitions."""
+    from datetime import UTC, datetime
+
+    import psycopg
+
+    from finflow.db.maintenance import upgrade
+    from finflow.settings import from_env
+
+    try:
+        lines = asyncio.run(upgrade(from_env(), datetime.now(UTC)))
+    except psycopg.Error as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"finflow: database error: {reason}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    return 0
 
 
 def run_demo(args: argparse.Namespace) -> int:

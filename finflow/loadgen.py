@@ -12,6 +12,9 @@ from datetime import UTC, datetime
 import orjson
 from aiokafka import AIOKafkaProducer
 
+from finflow import kafka_security
+from finflow.settings import BrokerSecurity, from_env
+
 CURRENCIES = (("USD", 2, 70), ("EUR", 2, 12), ("GBP", 2, 8), ("JPY", 0, 6), ("KWD", 3, 4))
 COUNTRIES = ("US", "US", "US", "GB", "DE", "FR", "JP", "KW", "BR", "NG")
 CHANNELS = ("card_present", "ecommerce", "atm", "transfer")
@@ -125,11 +128,24 @@ def _bad(rng: random.Random, account: str, txn: dict[str, object]) -> Record:
 
 
 async def produce(
-    bootstrap: str, topic: str, spec: Spec, *, realtime: bool = True
+    bootstrap: str,
+    topic: str,
+    spec: Spec,
+    *,
+    realtime: bool = True,
+    security: BrokerSecurity | None = None,
 ) -> dict[str, int]:
-    """Produce ``spec`` to ``topic`` (paced at ``spec.rate`` when ``realtime``); counts by kind."""
+    """Produce ``spec`` to ``topic`` (paced at ``spec.rate`` when ``realtime``); counts by kind.
+
+    ``security`` defaults to the ``FINFLOW_BROKER_*`` TLS/SASL settings of the environment.
+    """
+    security = from_env().broker_security if security is None else security
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, linger_ms=10, max_batch_size=512 * 1024, acks="all"
+        bootstrap_servers=bootstrap,
+        linger_ms=10,
+        max_batch_size=512 * 1024,
+        acks="all",
+        **kafka_security.client_kwargs(security),
     )
     await producer.start()
     counts: dict[str, int] = {}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 from finflow.errors import ConfigError
@@ -16,6 +18,15 @@ _DURATION_RE = re.compile(r"(\d+)(ms|s|m|h|d)")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 GUARANTEES = ("at_least_once", "exactly_once")
 FLAVORS = ("auto", "kafka", "tansu")
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN")
+_SASL_VARS = tuple(
+    f"FINFLOW_BROKER_SASL_{v}" for v in ("MECHANISM", "USERNAME", "PASSWORD", "PASSWORD_FILE")
+)
+_SSL_VARS = tuple(
+    f"FINFLOW_BROKER_SSL_{v}" for v in ("CAFILE", "CERTFILE", "KEYFILE", "CHECK_HOSTNAME")
+)
+_REDACTED = "'***'"
 
 
 def parse_duration_ms(text: str) -> int:
@@ -64,9 +75,34 @@ def _read(env: Mapping[str, str], name: str, default: str, parse: Callable[[str]
         raise ConfigError(f"{name}={text!r} is invalid: {exc}") from None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
+class BrokerSecurity:
+    """How FinFlow's Kafka clients secure their connections (TLS, SASL); repr hides the password."""
+
+    protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    sasl_password: str = ""
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    ssl_check_hostname: bool = True
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.protocol.startswith("SASL_")
+
+    def __repr__(self) -> str:
+        return _redacted_repr(self, secrets=("sasl_password",))
+
+
+@dataclass(frozen=True, slots=True, repr=False)
 class Settings:
-    """Immutable settings of one FinFlow process."""
+    """Immutable settings of one FinFlow process; repr hides tokens and passwords."""
 
     app_id: str = "finflow"
     broker_urls: tuple[str, ...] = ("kafka://127.0.0.1:9092",)
@@ -93,6 +129,10 @@ class Settings:
     db_partitions_ahead: int = 3
     sink_max_delay_ms: int = 1_000
     sink_enabled: bool = True
+    broker_security: BrokerSecurity = field(default_factory=BrokerSecurity)
+
+    def __repr__(self) -> str:
+        return _redacted_repr(self, secrets=("api_tokens",), urls=("database_url", "redis_url"))
 
     @property
     def web_url(self) -> str:
@@ -142,7 +182,112 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         db_partitions_ahead=_read(env, "FINFLOW_DB_PARTITIONS_AHEAD", "3", _non_negative_int),
         sink_max_delay_ms=_read(env, "FINFLOW_SINK_MAX_DELAY", "1s", parse_duration_ms),
         sink_enabled=_read(env, "FINFLOW_SINK_ENABLED", "true", _bool),
+        broker_security=broker_security_from_env(env),
     )
+
+
+def broker_security_from_env(env: Mapping[str, str]) -> BrokerSecurity:
+    """``FINFLOW_BROKER_SECURITY_PROTOCOL`` and the SASL/SSL variables it calls for.
+
+    Secrets come from the environment or a file only, and no error message repeats them.
+    A SASL or SSL variable set for a protocol that does not use it is an error, so a
+    misspelled protocol never silently sends credentials or data in the clear.
+    """
+    protocol = _read(env, "FINFLOW_BROKER_SECURITY_PROTOCOL", "PLAINTEXT", _protocol)
+    d = BrokerSecurity(protocol=protocol)
+    for names, used, what in ((_SASL_VARS, d.uses_sasl, "SASL"), (_SSL_VARS, d.uses_tls, "TLS")):
+        for name in (n for n in names if n in env and not used):
+            raise ConfigError(
+                f"{name} is set but FINFLOW_BROKER_SECURITY_PROTOCOL={protocol} does not use {what}"
+            )
+    if d.uses_sasl:
+        d = dataclasses.replace(
+            d,
+            sasl_mechanism=_read(env, "FINFLOW_BROKER_SASL_MECHANISM", "", _mechanism),
+            sasl_username=_read(env, "FINFLOW_BROKER_SASL_USERNAME", "", _username),
+            sasl_password=_sasl_password(env),
+        )
+    if d.uses_tls:
+        certfile = _read(env, "FINFLOW_BROKER_SSL_CERTFILE", "", _readable_file)
+        keyfile = _read(env, "FINFLOW_BROKER_SSL_KEYFILE", "", _readable_file)
+        if keyfile and not certfile:
+            raise ConfigError(
+                "FINFLOW_BROKER_SSL_KEYFILE is set without FINFLOW_BROKER_SSL_CERTFILE"
+            )
+        d = dataclasses.replace(
+            d,
+            ssl_cafile=_read(env, "FINFLOW_BROKER_SSL_CAFILE", "", _readable_file),
+            ssl_certfile=certfile,
+            ssl_keyfile=keyfile,
+            ssl_check_hostname=_read(env, "FINFLOW_BROKER_SSL_CHECK_HOSTNAME", "true", _bool),
+        )
+    return d
+
+
+def _protocol(text: str) -> str:
+    return _choice(SECURITY_PROTOCOLS)(text.strip().upper())
+
+
+def _mechanism(text: str) -> str:
+    if not text:
+        raise ValueError(f"SASL needs a mechanism: one of {', '.join(SASL_MECHANISMS)}")
+    return _choice(SASL_MECHANISMS)(text.strip().upper())
+
+
+def _username(text: str) -> str:
+    if not text:
+        raise ValueError("SASL needs a user name")
+    return text
+
+
+def _sasl_password(env: Mapping[str, str]) -> str:
+    """The password from ``..._PASSWORD`` or the file ``..._PASSWORD_FILE`` names (one of them)."""
+    inline, path = (
+        env.get("FINFLOW_BROKER_SASL_PASSWORD"),
+        env.get("FINFLOW_BROKER_SASL_PASSWORD_FILE"),
+    )
+    if inline is not None and path is not None:
+        raise ConfigError(
+            "set FINFLOW_BROKER_SASL_PASSWORD or FINFLOW_BROKER_SASL_PASSWORD_FILE, not both"
+        )
+    if path is not None:
+        try:
+            password = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(
+                f"FINFLOW_BROKER_SASL_PASSWORD_FILE={path!r} is invalid: cannot read it ({reason})"
+            ) from None
+        if not password:
+            raise ConfigError(f"FINFLOW_BROKER_SASL_PASSWORD_FILE={path!r} is invalid: it is empty")
+        return password
+    if not inline:
+        raise ConfigError(
+            "SASL needs a password: set FINFLOW_BROKER_SASL_PASSWORD or "
+            "FINFLOW_BROKER_SASL_PASSWORD_FILE"
+        )
+    return inline
+
+
+def _readable_file(text: str) -> str:
+    if text and not (Path(text).is_file() and os.access(text, os.R_OK)):
+        raise ValueError("not a readable file")
+    return text
+
+
+def _redacted_repr(obj: object, *, secrets: tuple[str, ...], urls: tuple[str, ...] = ()) -> str:
+    """``Name(field=value, ...)`` with secret fields masked and passwords cut out of URLs."""
+    parts = []
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        if f.name in secrets and value:
+            text = _REDACTED
+        elif f.name in urls:
+            text = repr(re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", value))
+        else:
+            text = repr(value)
+        parts.append(f"{f.name}={text}")
+    return f"{type(obj).__name__}({', '.join(parts)})"
 
 
 _PG_SCHEMES = ("postgresql", "postgres")

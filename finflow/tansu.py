@@ -16,7 +16,7 @@ from typing import Any, cast
 import aiokafka
 import aiokafka.errors as kafka_errors
 import faust
-from aiokafka.conn import create_conn
+from aiokafka.conn import ScramAuthenticator, create_conn
 from aiokafka.consumer.fetcher import READ_COMMITTED, Fetcher
 from aiokafka.protocol.api import RequestStruct, Response
 from aiokafka.protocol.fetch import FetchRequest
@@ -25,6 +25,10 @@ from aiokafka.protocol.types import CompactString, Int16, Int32, Int64, Schema, 
 from aiokafka.structs import TopicPartition
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.types import TP
+
+from finflow import kafka_security, settings
+from finflow.errors import ConfigError
+from finflow.settings import BrokerSecurity
 
 __all__ = ["apply", "broker_is_tansu"]
 
@@ -45,22 +49,30 @@ _applied = False
 # -- detection ----------------------------------------------------------------------------
 
 
-async def broker_is_tansu(bootstrap: str) -> bool:
+async def broker_is_tansu(bootstrap: str, security: BrokerSecurity | None = None) -> bool:
     """True when the first reachable bootstrap server looks like tansu (by its ApiVersions).
 
     ``bootstrap`` is ``host:port[,host:port...]`` (a ``kafka://`` prefix is accepted).
+    ``security`` defaults to the ``FINFLOW_BROKER_*`` settings of the environment; only its
+    TLS part is used, as ApiVersions is answered before SASL authentication (and the SASL
+    adaptation below is only applied once the broker is known to be tansu).
     An unreachable broker raises ``KafkaConnectionError``; it is never reported as "not tansu".
+    An untrusted broker certificate raises :class:`ConfigError` naming the variable.
     """
-    versions = await _api_versions(bootstrap)
+    security = settings.from_env().broker_security if security is None else security
+    versions = await _api_versions(bootstrap, security)
     return bool(versions) and not TANSU_MISSING_API_KEYS & versions.keys()
 
 
-async def _api_versions(bootstrap: str) -> dict[int, tuple[int, int]]:
+async def _api_versions(bootstrap: str, security: BrokerSecurity) -> dict[int, tuple[int, int]]:
     errors: list[str] = []
     for host, port in _servers(bootstrap):
         try:
-            conn = await create_conn(host, port)
+            conn = await create_conn(host, port, **kafka_security.tls_kwargs(security))
         except (OSError, kafka_errors.KafkaError) as exc:
+            line = kafka_security.describe_failure(exc, security, f"{host}:{port}")
+            if line is not None:
+                raise ConfigError(line) from None
             errors.append(f"{host}:{port}: {exc!r}")
             continue
         try:
@@ -92,6 +104,7 @@ def apply() -> None:
     _patch_end_offsets()
     _patch_init_producer_id()
     _patch_faust_exactly_once_highwaters()
+    _patch_scram_server_error()
     _applied = True
 
 
@@ -265,3 +278,26 @@ async def _highwaters_from_end_offsets(
 ) -> Mapping[TP, int]:
     consumer = self._ensure_consumer()
     return cast(Mapping[TP, int], await consumer.end_offsets(partitions))
+
+
+# -- (d) SCRAM server-final errors --------------------------------------------------------
+# tansu 0.6.0 (with --authentication) ends every failed SCRAM exchange with an RFC 5802
+# server-error ("e=unknown-user") in a SaslAuthenticate response whose error code is 0;
+# Apache Kafka answers SASL_AUTHENTICATION_FAILED (58) instead. aiokafka 0.14 only reads
+# "v=" there, so a rejected login surfaces as KeyError('v'), which neither aiokafka's
+# bootstrap nor FinFlow's preflight recognises. We raise SaslAuthenticationFailed carrying the
+# server's error instead. Remove when tansu answers error code 58 or aiokafka reads "e=".
+
+_original_scram_final = ScramAuthenticator.process_server_final_message
+
+
+def _patch_scram_server_error() -> None:
+    if ScramAuthenticator.process_server_final_message is not _original_scram_final:
+        raise RuntimeError("aiokafka ScramAuthenticator.process_server_final_message is patched")
+    ScramAuthenticator.process_server_final_message = _server_final_or_error
+
+
+def _server_final_or_error(self: Any, server_final: str) -> None:
+    if server_final.startswith("e="):
+        raise kafka_errors.SaslAuthenticationFailed(f"SCRAM server-error {server_final[2:]!r}")
+    _original_scram_final(self, server_final)

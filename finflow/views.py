@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+import psycopg
 from faust.types import TP
 from faust.web import Request, Response, View
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg_pool import PoolTimeout
 from yarl import URL
 
+from agents.ingest import sink
 from agents.processor import key_partition
 from agents.topology import accounts
-from finflow import params
+from finflow import metrics, params
 from finflow.app import app, settings
 from finflow.errors import ApiError
+from finflow.sink import HISTORY_LIMIT
 from models.aggregates import format_ms
 from tables.state import AccountState
 
@@ -26,6 +33,15 @@ Render = Callable[[AccountState], dict[str, Any]]
 
 def error(view: View, exc: ApiError) -> Response:
     return view.json({"error": exc.code, "message": exc.message}, status=exc.status)
+
+
+async def measured(route: str, handler: Awaitable[Response]) -> Response:
+    """Await a route's response, counting it by status and timing it."""
+    started = time.monotonic()
+    response = await handler
+    metrics.HTTP_SECONDS.labels(route).observe(time.monotonic() - started)
+    metrics.HTTP_REQUESTS.labels(route, str(response.status)).inc()
+    return response
 
 
 def authorize(request: Request) -> None:
@@ -46,6 +62,15 @@ def is_ready() -> bool:
     """Partitions assigned and tables recovered."""
     recovery = app.tables.recovery  # type: ignore[attr-defined]
     return bool(recovery.completed.is_set() and not recovery.in_recovery and not app.rebalancing)
+
+
+def not_ready_reason() -> tuple[str, str] | None:
+    """Why ``/readyz`` answers 503, or None when ready."""
+    if not is_ready():
+        return "not_ready", "partitions are being assigned or tables recovered"
+    if settings.sink_enabled and not sink.healthy:
+        return "database_unavailable", f"database writes are failing: {sink.last_error}"
+    return None
 
 
 async def serve_account(view: View, request: Request, account_id: str, render: Render) -> Response:
@@ -97,6 +122,9 @@ class AggregatesView(View):
     """The tumbling window of a size that contains a time."""
 
     async def get(self, request: Request, account_id: str) -> Response:
+        return await measured("/accounts/{id}/aggregates", self._get(request, account_id))
+
+    async def _get(self, request: Request, account_id: str) -> Response:
         try:
             authorize(request)
             name = params.window(request.query)
@@ -121,6 +149,9 @@ class RollingView(View):
     """Aggregates over the whole minutes of a span ending with the minute of a time."""
 
     async def get(self, request: Request, account_id: str) -> Response:
+        return await measured("/accounts/{id}/rolling", self._get(request, account_id))
+
+    async def _get(self, request: Request, account_id: str) -> Response:
         try:
             authorize(request)
             span_ms = params.span_ms(request.query)
@@ -141,6 +172,15 @@ class RollingView(View):
             return error(self, exc)
 
 
+@app.page("/metrics")
+class MetricsView(View):
+    """Prometheus text exposition of this process's metrics."""
+
+    async def get(self, request: Request) -> Response:
+        metrics.READY.set(1 if not_ready_reason() is None else 0)
+        return self.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+
+
 @app.page("/healthz")
 class HealthView(View):
     """200 while the process runs."""
@@ -154,6 +194,61 @@ class ReadyView(View):
     """200 once partitions are assigned and tables recovered, 503 otherwise."""
 
     async def get(self, request: Request) -> Response:
-        if is_ready():
+        reason = not_ready_reason()
+        if reason is None:
             return self.json({"status": "ready"})
-        return self.json({"error": "not_ready", "message": "recovering or rebalancing"}, status=503)
+        return self.json({"error": reason[0], "message": reason[1]}, status=503)
+
+
+@app.page("/accounts/{account_id}/history")
+class HistoryView(View):
+    """Window snapshots stored in the database, oldest first."""
+
+    async def get(self, request: Request, account_id: str) -> Response:
+        return await measured("/accounts/{id}/history", self._get(request, account_id))
+
+    async def _get(self, request: Request, account_id: str) -> Response:
+        try:
+            authorize(request)
+            name = params.window(request.query)
+            start = params.instant_ms(request.query, "from", required=True)
+            end = params.instant_ms(request.query, "to", required=True)
+            if end <= start:
+                raise params.bad("to", "must be after from")
+            items = await self._items(account_id, name, start, end)
+            return self.json({"account_id": account_id, "window": name, "items": items})
+        except ApiError as exc:
+            return error(self, exc)
+
+    async def _items(self, account_id: str, name: str, start: int, end: int) -> list[Any]:
+        if not settings.sink_enabled:
+            raise ApiError(503, "history_disabled", "this worker runs without the database")
+        try:
+            rows = await sink.history(account_id, name, utc(start), utc(end))
+        except (psycopg.Error, PoolTimeout, OSError) as exc:
+            raise ApiError(503, "database_unavailable", str(exc).strip()[:200]) from None
+        if rows is None:
+            raise ApiError(404, "unknown_account", f"account {account_id!r} was never seen")
+        if len(rows) > HISTORY_LIMIT:
+            raise params.bad("from", f"more than {HISTORY_LIMIT} windows; narrow the range")
+        return [history_item(row) for row in rows]
+
+
+def utc(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def _ms(moment: datetime | None) -> int | None:
+    return None if moment is None else int(moment.timestamp() * 1000)
+
+
+def history_item(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "window_start": format_ms(_ms(row["window_start"])),
+        "window_end": format_ms(_ms(row["window_end"])),
+        "count": row["count"],
+        "distinct_merchants": row["distinct_merchants"],
+        "first_event_at": format_ms(_ms(row["first_event_at"])),
+        "last_event_at": format_ms(_ms(row["last_event_at"])),
+        "currencies": row["currencies"],
+    }

@@ -46,7 +46,9 @@ class AccountState:
 
     @classmethod
     def new(cls) -> AccountState:
-        return cls({"o": [-1] * SOURCES, "w": [{}, {}, {}], "s": {}, "p": profile.new(), "u": 0})
+        return cls(
+            {"o": [-1] * SOURCES, "v": 0, "w": [{}, {}, {}], "s": {}, "p": profile.new(), "u": 0}
+        )
 
     @classmethod
     def decode(cls, raw: bytes) -> AccountState:
@@ -75,6 +77,7 @@ class AccountState:
                 bucket = buckets[key] = windows.new_bucket()
             windows.add(bucket, txn)
         profile.add(self.data["p"], txn)
+        self.data["v"] += 1
         return True
 
     def prune(self, now_ms: int, updated_ms: int, retention: Retention) -> None:
@@ -102,6 +105,17 @@ class AccountState:
                 stale.append(txid)
         for txid in stale:
             del seen[txid]
+
+    @property
+    def version(self) -> int:
+        """Number of transactions counted: grows with every change of any window."""
+        version: int = self.data["v"]
+        return version
+
+    def has_window(self, name: str, start_ms: int) -> bool:
+        """True when the window is kept (not expired)."""
+        index = _SIZES.index(windows.WINDOW_SIZES[name])
+        return str(start_ms) in self.data["w"][index]
 
     @property
     def updated_ms(self) -> int:

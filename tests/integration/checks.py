@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from datetime import datetime
 
 import aiohttp
+import psycopg
 
 from tests.integration.harness import get_json
 from tests.integration.reference import SIZES, Reference, observed
@@ -75,3 +77,52 @@ async def assert_exact(urls: Sequence[str], ref: Reference, span: str = "10m") -
         await asyncio.gather(*tasks)
     assert not failures, f"{len(failures)} of {checks} differ, e.g. {failures[:3]}"
     return checks
+
+
+def assert_database_exact(url: str, ref: Reference) -> None:
+    """The database holds exactly the accepted transactions and every window's aggregate."""
+    with psycopg.connect(url) as conn:
+        txns = conn.execute(
+            "SELECT account_id, transaction_id, event_time, amount, currency"
+            " FROM finflow.transactions"
+        ).fetchall()
+        snaps = conn.execute(
+            "SELECT account_id, window_size, window_start, count, distinct_merchants,"
+            " first_event_at, last_event_at, currencies FROM finflow.window_snapshots"
+        ).fetchall()
+    want_txns = {
+        (a, e.txid): (e.ms, e.amount, e.currency) for a, evs in ref.events.items() for e in evs
+    }
+    got_txns = {(a, t): (_ms(ts), amount, cur.strip()) for a, t, ts, amount, cur in txns}
+    assert len(txns) == len(got_txns) == len(want_txns)
+    assert got_txns == want_txns
+    want_windows = {
+        (a, size, start) for a in ref.events for size in SIZES for start in ref.windows(a, size)
+    }
+    got = {(a, size, _ms(start)): rest for a, size, start, *rest in snaps}
+    assert set(got) == want_windows
+    for (account, size, start), (count, merchants, first, last, currencies) in got.items():
+        want = ref.expect(account, start, start + SIZES[size])
+        assert {
+            "count": count, "distinct_merchants": merchants, "first_event_at": _ms(first),
+            "last_event_at": _ms(last), "currencies": currencies,
+        } == want, (account, size, start)
+
+
+def _ms(moment: datetime | None) -> int | None:
+    return None if moment is None else round(moment.timestamp() * 1000)
+
+
+async def assert_history(urls: Sequence[str], ref: Reference, accounts: int = 20) -> None:
+    """``/history`` returns the stored windows of a range, oldest first, equal the reference."""
+    async with aiohttp.ClientSession() as http:
+        for i, account in enumerate(list(ref.events)[:accounts]):
+            starts = sorted(ref.windows(account, "1m"))
+            url = f"{urls[i % len(urls)]}/accounts/{account}/history"
+            query = f"?window=1m&from={starts[0]}&to={starts[-1] + 1}"
+            status, body = await get_json(http, url + query)
+            assert status == 200, body
+            assert (body["account_id"], body["window"]) == (account, "1m")
+            assert [observed(item) for item in body["items"]] == [
+                ref.expect(account, s, s + 60_000) for s in starts
+            ]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from finflow import devbroker
@@ -43,11 +44,38 @@ def own_broker(tmp: Path) -> Iterator[str]:
         devbroker.stop_broker(proc)
 
 
+ADMIN_URL = "postgresql://127.0.0.1:5432/postgres"
+
+
+@contextmanager
+def fresh_database(tmp: Path) -> Iterator[str]:
+    """A new, migrated database (``finflow migrate``), dropped afterwards."""
+    name = f"it_{uuid.uuid4().hex[:10]}"
+    url = f"postgresql://127.0.0.1:5432/{name}"
+    env = {**os.environ, "FINFLOW_DATABASE_URL": url}
+    done = subprocess.run(  # noqa: S603
+        [FINFLOW, "migrate"], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    try:
+        yield url
+    finally:
+        with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 class Worker:
     """One ``finflow worker`` process with its own web port and data directory."""
 
     def __init__(
-        self, bootstrap: str, tmp: Path, name: str, app_id: str, partitions: int = 4, **env: str
+        self,
+        bootstrap: str,
+        tmp: Path,
+        name: str,
+        app_id: str,
+        partitions: int = 4,
+        database: str | None = None,
+        **env: str,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -60,6 +88,11 @@ class Worker:
             "FINFLOW_WEB_HOST": "127.0.0.1",
             "FINFLOW_DATA_DIR": str(tmp / name),
             "FINFLOW_TOPIC_PARTITIONS": str(partitions),
+            **(
+                {"FINFLOW_DATABASE_URL": database}
+                if database
+                else {"FINFLOW_SINK_ENABLED": "false"}
+            ),
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None

@@ -16,6 +16,7 @@ SIZES = {"1m": 60_000, "1h": 3_600_000, "1d": 86_400_000}
 
 @dataclass
 class Event:
+    txid: str
     ms: int
     amount: Decimal
     currency: str
@@ -42,7 +43,10 @@ class Reference:
             ts = obj["timestamp"]
             ms = ts if isinstance(ts, int) else round(datetime.fromisoformat(ts).timestamp() * 1000)
             ref.events[obj["account_id"]].append(
-                Event(ms, Decimal(str(obj["amount"])), obj["currency"], obj.get("merchant_id"))
+                Event(
+                    obj["transaction_id"], ms, Decimal(str(obj["amount"])), obj["currency"],
+                    obj.get("merchant_id"),
+                )
             )
         return ref
 

@@ -9,8 +9,15 @@ import aiohttp
 import pytest
 
 from finflow.loadgen import generate
-from tests.integration.checks import assert_exact, wait_counted
-from tests.integration.harness import Worker, get_json, new_app_id, own_broker, produce
+from tests.integration.checks import assert_database_exact, assert_exact, wait_counted
+from tests.integration.harness import (
+    Worker,
+    fresh_database,
+    get_json,
+    new_app_id,
+    own_broker,
+    produce,
+)
 from tests.integration.reference import Reference
 from tests.integration.test_pipeline import stream
 
@@ -49,8 +56,8 @@ async def kill_mid_stream(victim: Worker, url: str, ref: Reference) -> None:
 async def test_kill9_and_restart_is_exact(tmp_path: Path) -> None:
     records = list(generate(stream(40_000, 800, seed=21)))
     ref = Reference.of(records)
-    with own_broker(tmp_path) as bootstrap:
-        worker = Worker(bootstrap, tmp_path, "w", new_app_id()).start()
+    with own_broker(tmp_path) as bootstrap, fresh_database(tmp_path) as db:
+        worker = Worker(bootstrap, tmp_path, "w", new_app_id(), database=db).start()
         try:
             await worker.wait_ready()
             producing = asyncio.create_task(produce(bootstrap, records))
@@ -60,6 +67,7 @@ async def test_kill9_and_restart_is_exact(tmp_path: Path) -> None:
             await worker.wait_ready()
             await wait_counted([worker.url], ref)
             await assert_exact([worker.url], ref)
+            assert_database_exact(db, ref)
             assert "rebuilding tables from changelogs" in worker.log.read_text()
         finally:
             worker.stop()
@@ -68,9 +76,11 @@ async def test_kill9_and_restart_is_exact(tmp_path: Path) -> None:
 async def test_two_workers_one_killed_other_serves_all(tmp_path: Path) -> None:
     records = list(generate(stream(30_000, 700, seed=31)))
     ref = Reference.of(records)
-    with own_broker(tmp_path) as bootstrap:
+    with own_broker(tmp_path) as bootstrap, fresh_database(tmp_path) as db:
         app_id = new_app_id()
-        victim, survivor = (Worker(bootstrap, tmp_path, n, app_id).start() for n in ("a", "b"))
+        victim, survivor = (
+            Worker(bootstrap, tmp_path, n, app_id, database=db).start() for n in ("a", "b")
+        )
         try:
             await asyncio.gather(victim.wait_ready(), survivor.wait_ready())
             producing = asyncio.create_task(produce(bootstrap, records))
@@ -78,6 +88,7 @@ async def test_two_workers_one_killed_other_serves_all(tmp_path: Path) -> None:
             await producing
             await wait_counted([survivor.url], ref)
             await assert_exact([survivor.url], ref)
+            assert_database_exact(db, ref)
             assert survivor.running
         finally:
             victim.stop()

@@ -10,8 +10,21 @@ import aiohttp
 import pytest
 
 from finflow.loadgen import BAD_KINDS, Spec, generate
-from tests.integration.checks import assert_exact, wait_counted
-from tests.integration.harness import Worker, consume_all, get_json, new_app_id, own_broker, produce
+from tests.integration.checks import (
+    assert_database_exact,
+    assert_exact,
+    assert_history,
+    wait_counted,
+)
+from tests.integration.harness import (
+    Worker,
+    consume_all,
+    fresh_database,
+    get_json,
+    new_app_id,
+    own_broker,
+    produce,
+)
 from tests.integration.reference import Reference
 
 pytestmark = pytest.mark.asyncio
@@ -38,9 +51,11 @@ async def test_stream_matches_reference_and_dead_letters(tmp_path: Path) -> None
     bad = [r for r in records if r.kind in BAD_KINDS]
     assert len(ref.events) >= 500
     assert {r.kind for r in bad} == set(BAD_KINDS)
-    with own_broker(tmp_path) as bootstrap:
+    with own_broker(tmp_path) as bootstrap, fresh_database(tmp_path) as db:
         app_id = new_app_id()
-        workers = [Worker(bootstrap, tmp_path, f"w{i}", app_id).start() for i in range(2)]
+        workers = [
+            Worker(bootstrap, tmp_path, f"w{i}", app_id, database=db).start() for i in range(2)
+        ]
         try:
             await asyncio.gather(*(w.wait_ready() for w in workers))
             await produce(bootstrap, records)
@@ -48,6 +63,8 @@ async def test_stream_matches_reference_and_dead_letters(tmp_path: Path) -> None
             await wait_counted(urls, ref)
             checks = await assert_exact(urls, ref)
             assert checks > 3 * len(ref.events)
+            assert_database_exact(db, ref)
+            await assert_history(urls, ref)
 
             dlq = await consume_all(bootstrap, "transactions-dlq", len(bad))
             by_value = {r.value: r for r in bad}

@@ -1,0 +1,68 @@
+"""Database rows from a processed batch: accepted transactions and changed windows."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from finflow.db.writer import SnapshotRow, TxnRow
+
+from models.transaction import Transaction
+from tables.state import AccountState
+from tables.windows import WINDOW_SIZES, window_start
+
+
+def _utc(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def _opt_utc(ms: int | None) -> datetime | None:
+    return None if ms is None else _utc(ms)
+
+
+def txn_row(txn: Transaction, topic: str, partition: int, offset: int) -> TxnRow:
+    return TxnRow(
+        account_id=txn.account_id,
+        transaction_id=txn.transaction_id,
+        event_time=_utc(txn.event_ms),
+        amount=txn.amount,
+        currency=txn.currency,
+        merchant_id=txn.merchant_id,
+        mcc=txn.mcc,
+        country=txn.country,
+        channel=txn.channel,
+        source_topic=topic,
+        source_partition=partition,
+        source_offset=offset,
+    )
+
+
+def touched_windows(txn: Transaction) -> list[tuple[str, int]]:
+    """The (size name, start) of each window a transaction counts in."""
+    return [(name, window_start(txn.event_ms, size)) for name, size in WINDOW_SIZES.items()]
+
+
+def snapshot_rows(
+    account_id: str, state: AccountState, windows: set[tuple[str, int]]
+) -> list[SnapshotRow]:
+    """Current aggregate of each changed window that is still kept."""
+    rows = []
+    for name, start in sorted(windows):
+        if not state.has_window(name, start):
+            continue  # expired at once (an old event beyond this size's retention)
+        agg = state.window(name, start)
+        body = agg.body()
+        rows.append(
+            SnapshotRow(
+                account_id=account_id,
+                window_size=name,
+                window_start=_utc(agg.start_ms),
+                window_end=_utc(agg.end_ms),
+                count=agg.count,
+                distinct_merchants=len(agg.merchants),
+                first_event_at=_opt_utc(agg.first_ms),
+                last_event_at=_opt_utc(agg.last_ms),
+                currencies=body["currencies"],
+                version=state.version,
+            )
+        )
+    return rows

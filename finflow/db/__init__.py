@@ -1,0 +1,1 @@
+"""PostgreSQL / TimescaleDB storage: schema migrations, partition maintenance, batch writer."""

@@ -1,0 +1,61 @@
+"""Prometheus metrics of a FinFlow process (prometheus-client, default registry)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from agents.processor import BatchResult
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+RECORDS = Counter("finflow_records", "Records read, by source topic", ["topic"])
+ACCEPTED = Counter("finflow_transactions_accepted", "Transactions counted in the aggregates")
+REJECTED = Counter("finflow_transactions_rejected", "Records dead-lettered, by reason", ["reason"])
+DUPLICATES = Counter("finflow_transactions_duplicate", "Repeated transaction ids ignored")
+REPLAYED = Counter("finflow_records_replayed", "Redelivered records already reflected")
+FORWARDED = Counter("finflow_records_forwarded", "Records re-keyed to their account's partition")
+LAG = Gauge("finflow_consumer_lag", "Records behind the high watermark", ["topic", "partition"])
+PRODUCE_TO_APPLY = Histogram(
+    "finflow_produce_to_apply_seconds",
+    "From the producer's send to the aggregate applied",
+    buckets=_LATENCY,
+)
+EVENT_TIME_LAG = Histogram(
+    "finflow_event_time_lag_seconds",
+    "From the event time to the aggregate applied",
+    buckets=(*_LATENCY, 300, 3600, 86400),
+)
+RECOVERY_REMAINING = Gauge("finflow_table_recovery_remaining", "Changelog records left to recover")
+READY = Gauge("finflow_ready", "1 when partitions are assigned and tables recovered")
+SINK_BATCHES = Counter("finflow_sink_batches", "Batches committed to the database")
+SINK_ROWS = Counter("finflow_sink_rows", "Rows committed to the database", ["table"])
+SINK_SECONDS = Histogram("finflow_sink_batch_seconds", "Time to commit a batch", buckets=_LATENCY)
+SINK_ERRORS = Counter("finflow_sink_errors", "Failed database write attempts (retried)")
+SINK_DEAD = Counter("finflow_sink_dead_letter_rows", "Rows the database rejected (dead-lettered)")
+CACHE = Counter("finflow_cache_requests", "Cache lookups", ["result"])
+ALERTS = Counter("finflow_alerts", "Alerts raised, by rule", ["rule"])
+HTTP_REQUESTS = Counter("finflow_http_requests", "HTTP requests", ["route", "status"])
+HTTP_SECONDS = Histogram(
+    "finflow_http_request_seconds", "HTTP latency", ["route"], buckets=_LATENCY
+)
+
+
+def observe_batch(result: BatchResult) -> None:
+    """Record what one processed batch did."""
+    for topic, n in result.records.items():
+        RECORDS.labels(topic).inc(n)
+    ACCEPTED.inc(result.accepted)
+    DUPLICATES.inc(result.duplicates)
+    REPLAYED.inc(result.replayed)
+    FORWARDED.inc(result.forwarded)
+    for reason, n in result.rejected.items():
+        REJECTED.labels(reason).inc(n)
+    now = time.time()
+    for sent in result.sent_s:
+        PRODUCE_TO_APPLY.observe(max(0.0, now - sent))
+    for ms in result.event_ms:
+        EVENT_TIME_LAG.observe(max(0.0, now - ms / 1000))

@@ -1,0 +1,110 @@
+"""The database sink: batch writes with retry and back-pressure, and history reads."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from mode import Service
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from finflow import metrics
+from finflow.db.writer import SnapshotRow, TxnRow, write_batch
+from finflow.settings import Settings
+
+log = logging.getLogger(__name__)
+MAX_BACKOFF_S = 5.0
+HISTORY_LIMIT = 10_000
+
+
+class DatabaseSink(Service):
+    """Writes each batch's rows before the batch is acknowledged; retries until it can.
+
+    While the database is unreachable ``write`` does not return, so the agent takes no new
+    batch and the consumer's bounded buffers stop fetching: back-pressure, not buffering.
+    """
+
+    def __init__(self, conf: Settings, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.conf = conf
+        self.pool = AsyncConnectionPool(
+            conf.database_url,
+            min_size=1,
+            max_size=4,
+            open=False,
+            timeout=5.0,
+            check=AsyncConnectionPool.check_connection,
+        )
+        self.healthy = True
+        self.last_error = ""
+        self.rows_written = 0
+        self.rows_dead_lettered = 0
+
+    async def on_start(self) -> None:
+        await self.pool.open(wait=False)
+
+    async def on_stop(self) -> None:
+        await self.pool.close()
+
+    async def write(self, txns: Sequence[TxnRow], snapshots: Sequence[SnapshotRow]) -> None:
+        """Commit the rows, retrying with backoff on any database failure."""
+        if not txns and not snapshots:
+            return
+        delay = 0.1
+        while True:
+            started = time.monotonic()
+            try:
+                async with self.pool.connection() as conn:
+                    dead = await write_batch(conn, txns, snapshots)
+            except (psycopg.Error, PoolTimeout, OSError) as exc:
+                metrics.SINK_ERRORS.inc()
+                self._failed(exc)
+                if self.should_stop:
+                    raise
+                await self.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+                continue
+            metrics.SINK_SECONDS.observe(time.monotonic() - started)
+            metrics.SINK_BATCHES.inc()
+            metrics.SINK_ROWS.labels("transactions").inc(len(txns))
+            metrics.SINK_ROWS.labels("window_snapshots").inc(len(snapshots))
+            metrics.SINK_DEAD.inc(dead)
+            self.rows_dead_lettered += dead
+            self.rows_written += len(txns) + len(snapshots) - dead
+            if not self.healthy:
+                log.info("database writes resumed")
+            self.healthy, self.last_error = True, ""
+            return
+
+    def _failed(self, exc: BaseException) -> None:
+        if self.healthy:
+            log.warning("database write failed, retrying until it succeeds: %s", exc)
+        self.healthy, self.last_error = False, str(exc).strip()[:500]
+
+    async def history(
+        self, account_id: str, window: str, start: datetime, end: datetime
+    ) -> list[dict[str, Any]] | None:
+        """Snapshots of windows starting in ``[start, end)``; None when the account is unknown."""
+        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                "SELECT window_start, window_end, count, distinct_merchants, first_event_at,"
+                " last_event_at, currencies FROM finflow.window_snapshots"
+                " WHERE account_id = %s AND window_size = %s"
+                " AND window_start >= %s AND window_start < %s"
+                " ORDER BY window_start LIMIT %s",
+                (account_id, window, start, end, HISTORY_LIMIT + 1),
+            )
+            items = await cur.fetchall()
+            if not items:
+                await cur.execute(
+                    "SELECT 1 FROM finflow.window_snapshots WHERE account_id = %s LIMIT 1",
+                    (account_id,),
+                )
+                if await cur.fetchone() is None:
+                    return None
+        return items
