@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, cast
 
 import faust
@@ -12,6 +13,7 @@ from agents.topology import (
     BY_ACCOUNT,
     TRANSACTIONS,
     accounts,
+    alerts_topic,
     by_account_topic,
     dlq_topic,
     ingest_topic,
@@ -19,6 +21,7 @@ from agents.topology import (
 from finflow import metrics
 from finflow.app import app, settings
 from finflow.sink import DatabaseSink
+from models.alerts import Alert
 from models.exceptions import ValidationError
 
 SOURCE_HEADERS = ("finflow.source.topic", "finflow.source.partition", "finflow.source.offset")
@@ -98,13 +101,35 @@ async def ingest(stream: faust.StreamT[Any]) -> None:
         if settings.sink_enabled:
             # Rows are committed before the table values (and their changelog records) are
             # written: a crash in between replays the batch, and the upserts are idempotent.
-            await sink.write(batch.txns, batch.snapshots)
+            await sink.write(batch.txns, batch.snapshots, batch.alerts)
+        if batch.alerts:
+            await publish_alerts(batch.alerts)
         processor.commit(batch)
         metrics.observe_batch(batch.result)
         positions.update(batch.result.positions)
 
 
 positions: dict[tuple[str, int], int] = {}
+
+
+async def publish_alerts(alerts: list[Alert]) -> None:
+    """Send alerts and wait for the broker's ack, before the batch's table values are written.
+
+    A crash after this replays the batch and re-sends the same ``alert_id``s (de-duplicated
+    downstream); a crash before it loses nothing, because nothing of the batch was stored.
+    """
+    pending = [
+        await alerts_topic.send(
+            key=a.account_id.encode(),
+            value=a.encode(),
+            key_serializer="raw",
+            value_serializer="raw",
+        )
+        for a in alerts
+    ]
+    await asyncio.gather(*pending)
+    for a in alerts:
+        metrics.ALERTS.labels(a.rule).inc()
 
 
 @app.timer(5.0)

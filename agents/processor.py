@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiokafka.partitioner import murmur2
-from finflow.db.writer import SnapshotRow, TxnRow
 
 from agents import rows
+from finflow.db.writer import SnapshotRow, TxnRow
 from finflow.settings import Settings
+from models.alerts import Alert
 from models.exceptions import Reason, ValidationError
 from models.transaction import Transaction, parse_transaction
+from tables import rules
 from tables.state import AccountState
 from tables.store import PartitionedTable
 
@@ -73,6 +75,7 @@ class Batch:
     writes: dict[int, dict[bytes, bytes]] = field(default_factory=dict)
     txns: list[TxnRow] = field(default_factory=list)
     snapshots: list[SnapshotRow] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -131,7 +134,10 @@ class IngestProcessor:
                 result.replayed += 1
                 continue
             windows = changed.setdefault(slot, set())
-            if state.apply(txn, source, msg.offset, self.conf.retention):
+            if state.accept(txn, source, msg.offset, self.conf.retention):
+                batch.alerts.extend(rules.evaluate(self.conf.rules, state.profile, txn, now_ms))
+                state.add(txn)
+                rules.remember(self.conf.rules, state.profile, txn)
                 result.accepted += 1
                 result.sent_s.append(sent_at_s(msg.headers, msg.timestamp))
                 result.event_ms.append(txn.event_ms)

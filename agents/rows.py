@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from finflow.db.writer import SnapshotRow, TxnRow
-
 from models.transaction import Transaction
 from tables.state import AccountState
 from tables.windows import WINDOW_SIZES, window_start

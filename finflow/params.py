@@ -52,3 +52,16 @@ def instant_ms(query: Mapping[str, str], name: str, *, required: bool = False) -
         return parse_timestamp(int(value) if value.isascii() and value.isdigit() else value)
     except ValidationError as exc:
         raise bad(name, exc.message) from None
+
+
+MAX_LIMIT = 1000
+
+
+def limit(query: Mapping[str, str], default: int = 50) -> int:
+    """The ``limit`` parameter: 1 to 1000."""
+    value = query.get("limit")
+    if value is None:
+        return default
+    if not (value.isascii() and value.isdigit() and 1 <= int(value[:5]) <= MAX_LIMIT):
+        raise bad("limit", f"must be an integer from 1 to {MAX_LIMIT}")
+    return int(value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from finflow.errors import ConfigError
+from tables.rules import Rules
+from tables.rules import from_config as rules_from_config
 from tables.state import Retention
 
 T = TypeVar("T")
@@ -129,6 +132,7 @@ class Settings:
     db_partitions_ahead: int = 3
     sink_max_delay_ms: int = 1_000
     sink_enabled: bool = True
+    rules: Rules = field(default_factory=Rules)
     broker_security: BrokerSecurity = field(default_factory=BrokerSecurity)
 
     def __repr__(self) -> str:
@@ -182,6 +186,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         db_partitions_ahead=_read(env, "FINFLOW_DB_PARTITIONS_AHEAD", "3", _non_negative_int),
         sink_max_delay_ms=_read(env, "FINFLOW_SINK_MAX_DELAY", "1s", parse_duration_ms),
         sink_enabled=_read(env, "FINFLOW_SINK_ENABLED", "true", _bool),
+        rules=_read(env, "FINFLOW_RULES_FILE", "", _rules_file),
         broker_security=broker_security_from_env(env),
     )
 
@@ -302,6 +307,21 @@ def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
         return text
 
     return parse
+
+
+def _rules_file(path: str) -> Rules:
+    """Rule thresholds from a JSON file (defaults when unset); see tables.rules.from_config."""
+    if not path:
+        return Rules()
+    try:
+        config = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read it: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError("must hold a JSON object {rule: {setting: value}}")
+    return rules_from_config(config)
 
 
 def _bool(text: str) -> bool:

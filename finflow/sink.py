@@ -14,8 +14,9 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from finflow import metrics
-from finflow.db.writer import SnapshotRow, TxnRow, write_batch
+from finflow.db.writer import SnapshotRow, TxnRow, write_alerts, write_batch
 from finflow.settings import Settings
+from models.alerts import Alert
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 5.0
@@ -51,9 +52,14 @@ class DatabaseSink(Service):
     async def on_stop(self) -> None:
         await self.pool.close()
 
-    async def write(self, txns: Sequence[TxnRow], snapshots: Sequence[SnapshotRow]) -> None:
+    async def write(
+        self,
+        txns: Sequence[TxnRow],
+        snapshots: Sequence[SnapshotRow],
+        alerts: Sequence[Alert] = (),
+    ) -> None:
         """Commit the rows, retrying with backoff on any database failure."""
-        if not txns and not snapshots:
+        if not txns and not snapshots and not alerts:
             return
         delay = 0.1
         while True:
@@ -61,6 +67,7 @@ class DatabaseSink(Service):
             try:
                 async with self.pool.connection() as conn:
                     dead = await write_batch(conn, txns, snapshots)
+                    await write_alerts(conn, alerts)
             except (psycopg.Error, PoolTimeout, OSError) as exc:
                 metrics.SINK_ERRORS.inc()
                 self._failed(exc)
@@ -98,6 +105,25 @@ class DatabaseSink(Service):
                 " AND window_start >= %s AND window_start < %s"
                 " ORDER BY window_start LIMIT %s",
                 (account_id, window, start, end, HISTORY_LIMIT + 1),
+            )
+            items = await cur.fetchall()
+            if not items:
+                await cur.execute(
+                    "SELECT 1 FROM finflow.window_snapshots WHERE account_id = %s LIMIT 1",
+                    (account_id,),
+                )
+                if await cur.fetchone() is None:
+                    return None
+        return items
+
+    async def alerts(self, account_id: str, limit: int) -> list[dict[str, Any]] | None:
+        """Newest alerts first; None when the account is unknown."""
+        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                "SELECT alert_id, rule, severity, account_id, transaction_id, event_time,"
+                " detected_at, details FROM finflow.alerts WHERE account_id = %s"
+                " ORDER BY event_time DESC, alert_id LIMIT %s",
+                (account_id, limit),
             )
             items = await cur.fetchall()
             if not items:

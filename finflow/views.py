@@ -234,6 +234,38 @@ class HistoryView(View):
         return [history_item(row) for row in rows]
 
 
+@app.page("/accounts/{account_id}/alerts")
+class AlertsView(View):
+    """The account's alerts, newest first."""
+
+    async def get(self, request: Request, account_id: str) -> Response:
+        return await measured("/accounts/{id}/alerts", self._get(request, account_id))
+
+    async def _get(self, request: Request, account_id: str) -> Response:
+        try:
+            authorize(request)
+            limit = params.limit(request.query)
+            if not settings.sink_enabled:
+                raise ApiError(503, "alerts_disabled", "this worker runs without the database")
+            try:
+                rows = await sink.alerts(account_id, limit)
+            except (psycopg.Error, PoolTimeout, OSError) as exc:
+                raise ApiError(503, "database_unavailable", str(exc).strip()[:200]) from None
+            if rows is None:
+                raise ApiError(404, "unknown_account", f"account {account_id!r} was never seen")
+            return self.json({"account_id": account_id, "alerts": [alert_item(r) for r in rows]})
+        except ApiError as exc:
+            return error(self, exc)
+
+
+def alert_item(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **row,
+        "event_time": format_ms(_ms(row["event_time"])),
+        "detected_at": format_ms(_ms(row["detected_at"])),
+    }
+
+
 def utc(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 

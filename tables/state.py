@@ -64,12 +64,23 @@ class AccountState:
 
     def apply(self, txn: Transaction, source: int, offset: int, retention: Retention) -> bool:
         """Count ``txn`` unless it repeats a transaction id; return whether it was counted."""
+        if not self.accept(txn, source, offset, retention):
+            return False
+        self.add(txn)
+        return True
+
+    def accept(self, txn: Transaction, source: int, offset: int, retention: Retention) -> bool:
+        """Record ``offset`` and the transaction id; False when the id is a repeat."""
         self.data["o"][source] = offset
         seen: dict[str, list[int]] = self.data["s"]
         first = seen.get(txn.transaction_id)
         if first is not None and abs(txn.event_ms - first[0]) < retention.dedup_ms:
             return False
         seen[txn.transaction_id] = [txn.event_ms, 0]  # seen-at is stamped by prune()
+        return True
+
+    def add(self, txn: Transaction) -> None:
+        """Count an accepted transaction in its windows and the profile."""
         for size, buckets in zip(_SIZES, self.data["w"], strict=True):
             key = str(windows.window_start(txn.event_ms, size))
             bucket = buckets.get(key)
@@ -78,7 +89,6 @@ class AccountState:
             windows.add(bucket, txn)
         profile.add(self.data["p"], txn)
         self.data["v"] += 1
-        return True
 
     def prune(self, now_ms: int, updated_ms: int, retention: Retention) -> None:
         """Drop windows past their retention and ids past the de-duplication span."""

@@ -6,7 +6,7 @@ import logging
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -14,6 +14,8 @@ import orjson
 import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb, set_json_dumps
+
+from models.alerts import Alert
 
 log = logging.getLogger(__name__)
 
@@ -269,3 +271,32 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value if value is None or isinstance(value, int | float) else repr(value)
+
+
+_INSERT_ALERT = """
+INSERT INTO finflow.alerts (alert_id, account_id, rule, severity, transaction_id, event_time,
+                            detected_at, details)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT DO NOTHING
+"""
+
+
+async def write_alerts(conn: psycopg.AsyncConnection[Any], alerts: Sequence[Alert]) -> None:
+    """Store alerts idempotently (``alert_id`` is deterministic); commits."""
+    if not alerts:
+        return
+    rows = [
+        (
+            a.alert_id,
+            a.account_id,
+            a.rule,
+            a.severity,
+            a.transaction_id,
+            datetime.fromtimestamp(a.event_ms / 1000, tz=UTC),
+            datetime.fromtimestamp(a.detected_ms / 1000, tz=UTC),
+            Jsonb(a.details),
+        )
+        for a in alerts
+    ]
+    async with conn.transaction(), conn.cursor() as cur:
+        await cur.executemany(_INSERT_ALERT, rows)

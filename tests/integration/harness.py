@@ -53,7 +53,7 @@ def fresh_database(tmp: Path) -> Iterator[str]:
     name = f"it_{uuid.uuid4().hex[:10]}"
     url = f"postgresql://127.0.0.1:5432/{name}"
     env = {**os.environ, "FINFLOW_DATABASE_URL": url}
-    done = subprocess.run(  # noqa: S603
+    done = subprocess.run(
         [FINFLOW, "migrate"], env=env, capture_output=True, text=True, timeout=120, check=False
     )
     assert done.returncode == 0, done.stderr

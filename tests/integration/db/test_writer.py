@@ -1,0 +1,187 @@
+"""The batch write path: idempotent COPY + upsert, version guard, dead letters."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+
+from finflow.db.writer import SnapshotRow, TxnRow, write_batch
+
+Conn = psycopg.AsyncConnection[Any]
+Connect = Callable[[], Awaitable[Conn]]
+#: Recent enough that no TimescaleDB retention or compression policy touches it mid-test.
+T0 = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=2)
+TXN_SELECT = """
+SELECT account_id, transaction_id, event_time, amount, currency, merchant_id, mcc, country,
+       channel, source_topic, source_partition, source_offset
+FROM finflow.transactions ORDER BY account_id, transaction_id
+"""
+SNAP_SELECT = """
+SELECT account_id, window_size, window_start, window_end, count, distinct_merchants,
+       first_event_at, last_event_at, currencies, version
+FROM finflow.window_snapshots ORDER BY account_id, window_size, window_start
+"""
+DEAD_SELECT = "SELECT table_name, row, error FROM finflow.sink_dead_letters ORDER BY id"
+
+
+def txn(i: int, **changes: Any) -> TxnRow:
+    values: dict[str, Any] = {
+        "account_id": f"acct-{i % 7}",
+        "transaction_id": f"tx-{i:05d}",
+        "event_time": T0 + timedelta(seconds=i),
+        "amount": Decimal(i) / 100 + Decimal("0.01"),
+        "currency": "USD",
+        "merchant_id": f"m-{i % 13}",
+        "mcc": "5411",
+        "country": "US",
+        "channel": "ecommerce",
+        "source_topic": "transactions",
+        "source_partition": i % 4,
+        "source_offset": i,
+    }
+    return TxnRow(**{**values, **changes})
+
+
+def snap(i: int, version: int = 1, **changes: Any) -> SnapshotRow:
+    start = T0.replace(second=0) + timedelta(minutes=i)
+    values: dict[str, Any] = {
+        "account_id": f"acct-{i % 7}",
+        "window_size": "1m",
+        "window_start": start,
+        "window_end": start + timedelta(minutes=1),
+        "count": version,
+        "distinct_merchants": 1,
+        "first_event_at": start,
+        "last_event_at": start + timedelta(seconds=30),
+        "currencies": {"USD": {"count": version, "sum": "12.50", "min": "-1.00", "max": "9.00"}},
+        "version": version,
+    }
+    return SnapshotRow(**{**values, **changes})
+
+
+def as_row(r: TxnRow | SnapshotRow) -> tuple[Any, ...]:
+    return tuple(getattr(r, name) for name in r.__slots__)
+
+
+async def rows(conn: Conn, query: str) -> list[tuple[Any, ...]]:
+    cur = await conn.execute(query)
+    return await cur.fetchall()
+
+
+async def test_the_same_batch_twice_stores_every_row_once(migrated: Conn) -> None:
+    txns = [txn(i) for i in range(300)]
+    snaps = [snap(i) for i in range(50)]
+    assert await write_batch(migrated, txns, snaps) == 0
+    first = (await rows(migrated, TXN_SELECT), await rows(migrated, SNAP_SELECT))
+    assert await write_batch(migrated, txns, snaps) == 0
+    assert (await rows(migrated, TXN_SELECT), await rows(migrated, SNAP_SELECT)) == first
+    assert sorted(first[0]) == sorted(as_row(t) for t in txns)
+    assert sorted(first[1]) == sorted(as_row(s) for s in snaps)
+
+
+async def test_an_older_snapshot_never_overwrites_a_newer_one(migrated: Conn) -> None:
+    await write_batch(migrated, [], [snap(1, version=5)])
+    await write_batch(migrated, [], [snap(1, version=4, count=999)])
+    assert await rows(migrated, SNAP_SELECT) == [as_row(snap(1, version=5))]
+    await write_batch(migrated, [], [snap(1, version=5, distinct_merchants=2)])
+    await write_batch(migrated, [], [snap(1, version=6)])
+    assert await rows(migrated, SNAP_SELECT) == [as_row(snap(1, version=6))]
+
+
+async def test_one_batch_with_several_versions_of_a_window_keeps_the_newest(
+    migrated: Conn,
+) -> None:
+    batch = [snap(1, version=2), snap(1, version=7), snap(1, version=3)]
+    assert await write_batch(migrated, [], batch) == 0
+    assert await rows(migrated, SNAP_SELECT) == [as_row(snap(1, version=7))]
+
+
+async def test_bad_rows_go_to_dead_letters_and_the_rest_lands(migrated: Conn) -> None:
+    bad_txns = [
+        txn(100, amount=Decimal("1e23")),  # beyond numeric(26,4)
+        txn(101, currency="DOLLAR"),  # longer than char(3)
+        txn(102, merchant_id="m\x00"),  # PostgreSQL text cannot hold NUL
+        txn(103, event_time=datetime(2024, 5, 5, 10, 30)),  # noqa: DTZ001 - naive on purpose
+    ]
+    good_txns = [txn(i) for i in range(20)]
+    bad_snaps = [
+        snap(3, window_size="5m"),  # violates the CHECK constraint
+        snap(4, currencies={"USD": {"sum": Decimal("1.50")}}),  # not JSON-ready
+    ]
+    good_snaps = [snap(1), snap(2)]
+    batch = [*good_txns[:10], *bad_txns, *good_txns[10:]]
+    rejected = await write_batch(migrated, batch, [*bad_snaps, *good_snaps])
+
+    assert rejected == 6
+    assert await rows(migrated, TXN_SELECT) == sorted(as_row(t) for t in good_txns)
+    assert await rows(migrated, SNAP_SELECT) == [as_row(s) for s in good_snaps]
+    dead = await rows(
+        migrated, "SELECT table_name, row, error FROM finflow.sink_dead_letters ORDER BY id"
+    )
+    assert [
+        (table, row.get("transaction_id", row.get("window_size"))) for table, row, _ in dead
+    ] == [
+        ("transactions", "tx-00100"),
+        ("transactions", "tx-00101"),
+        ("transactions", "tx-00102"),
+        ("transactions", "tx-00103"),
+        ("window_snapshots", "5m"),
+        ("window_snapshots", "1m"),
+    ]
+    errors = [error for *_, error in dead]
+    assert "numeric field overflow" in errors[0]
+    assert "too long" in errors[1]
+    assert "naive" in errors[3]
+    assert "check constraint" in errors[4]
+    assert "JSON serializable" in errors[5]
+    assert dead[0][1]["amount"] == "1E+23"
+    assert dead[5][1]["currencies"] == {"USD": {"sum": "1.50"}}
+    assert dead[2][1]["merchant_id"] == "m\ufffd"
+
+
+async def test_copy_handles_missing_optional_fields_and_negative_amounts(migrated: Conn) -> None:
+    bare = TxnRow("acct-1", "refund-1", T0, Decimal("-12.3456"), "EUR")
+    big = txn(1, amount=Decimal("-9999999999999999999999.9999"), source_offset=2**62)
+    empty = snap(1, first_event_at=None, last_event_at=None, currencies={}, count=0)
+    assert await write_batch(migrated, [bare, big], [empty]) == 0
+    assert await rows(migrated, TXN_SELECT) == sorted([as_row(bare), as_row(big)])
+    assert await rows(migrated, SNAP_SELECT) == [as_row(empty)]
+    assert await rows(migrated, "SELECT count(*) FROM finflow.sink_dead_letters") == [(0,)]
+
+
+async def test_connection_errors_propagate_and_nothing_is_dead_lettered(
+    migrated: Conn, connect: Connect
+) -> None:
+    other = await connect()
+    await other.execute("SELECT pg_terminate_backend(%s)", (migrated.info.backend_pid,))
+    with pytest.raises(psycopg.OperationalError):
+        await write_batch(migrated, [txn(1)], [snap(1)])
+    assert await rows(other, "SELECT count(*) FROM finflow.sink_dead_letters") == [(0,)]
+    assert await rows(other, "SELECT count(*) FROM finflow.transactions") == [(0,)]
+
+
+async def test_write_batch_owns_its_transaction(migrated: Conn) -> None:
+    async with migrated.transaction():
+        with pytest.raises(psycopg.ProgrammingError, match="idle"):
+            await write_batch(migrated, [txn(1)], [])
+
+
+async def test_staging_tables_come_back_after_discard_all(migrated: Conn) -> None:
+    await write_batch(migrated, [txn(1)], [])
+    await migrated.execute("DISCARD ALL")
+    await migrated.execute("SET search_path TO public")
+    assert await write_batch(migrated, [txn(2)], [snap(2)]) == 0
+    assert len(await rows(migrated, TXN_SELECT)) == 2
+
+
+def test_dead_letter_rows_are_json() -> None:
+    from finflow.db.writer import _jsonable
+
+    row = _jsonable(snap(1, currencies={"USD": {"sum": "1.00", "n": [1, 2]}}))
+    assert json.loads(json.dumps(row))["window_start"] == (T0 + timedelta(minutes=1)).isoformat()
