@@ -36,7 +36,25 @@ SINK_ROWS = Counter("finflow_sink_rows", "Rows committed to the database", ["tab
 SINK_SECONDS = Histogram("finflow_sink_batch_seconds", "Time to commit a batch", buckets=_LATENCY)
 SINK_ERRORS = Counter("finflow_sink_errors", "Failed database write attempts (retried)")
 SINK_DEAD = Counter("finflow_sink_dead_letter_rows", "Rows the database rejected (dead-lettered)")
-CACHE = Counter("finflow_cache_requests", "Cache lookups", ["result"])
+CACHE = Counter(
+    "finflow_cache_requests",
+    "Cache lookups by result: hit, miss, stale, error (Redis failed), unavailable (skipped)",
+    ["result"],
+)
+CACHE_SECONDS = Histogram(
+    "finflow_cache_seconds",
+    "Redis round trip of the hot-path cache, by operation",
+    ["op"],
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+)
+CACHE_ERRORS = Counter(
+    "finflow_cache_errors",
+    "Redis operations that failed or timed out (answered from tables or the database)",
+    ["op"],
+)
+CACHE_PUBLISHED = Counter(
+    "finflow_cache_published", "Account values written to Redis, by source", ["source"]
+)
 ALERTS = Counter("finflow_alerts", "Alerts raised, by rule", ["rule"])
 HTTP_REQUESTS = Counter("finflow_http_requests", "HTTP requests", ["route", "status"])
 HTTP_SECONDS = Histogram(

@@ -62,6 +62,8 @@ def limit(query: Mapping[str, str], default: int = 50) -> int:
     value = query.get("limit")
     if value is None:
         return default
-    if not (value.isascii() and value.isdigit() and 1 <= int(value[:5]) <= MAX_LIMIT):
+    if not (
+        value.isascii() and value.isdigit() and len(value) <= 6 and 1 <= int(value) <= MAX_LIMIT
+    ):
         raise bad("limit", f"must be an integer from 1 to {MAX_LIMIT}")
     return int(value)

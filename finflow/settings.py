@@ -132,6 +132,11 @@ class Settings:
     db_partitions_ahead: int = 3
     sink_max_delay_ms: int = 1_000
     sink_enabled: bool = True
+    cache_enabled: bool = True
+    cache_max_age_ms: int = 2_000
+    cache_timeout_ms: int = 100
+    cache_ttl_ms: int = 3_600_000
+    api_workers: tuple[str, ...] = ()
     rules: Rules = field(default_factory=Rules)
     broker_security: BrokerSecurity = field(default_factory=BrokerSecurity)
 
@@ -143,6 +148,11 @@ class Settings:
         """The URL other workers use to reach this one (table routing)."""
         host = "127.0.0.1" if self.web_host in ("0.0.0.0", "") else self.web_host  # noqa: S104
         return self.advertised_url or f"http://{host}:{self.web_port}"
+
+    @property
+    def cache_on(self) -> bool:
+        """The Redis hot path is used: enabled and a Redis URL is set."""
+        return self.cache_enabled and bool(self.redis_url)
 
 
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -163,7 +173,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         broker_urls=_read(env, "FINFLOW_BROKER_URL", ",".join(d.broker_urls), _broker_urls),
         broker_flavor=_read(env, "FINFLOW_BROKER_FLAVOR", d.broker_flavor, _choice(FLAVORS)),
         database_url=_read(env, "FINFLOW_DATABASE_URL", d.database_url, _url(_PG_SCHEMES)),
-        redis_url=_read(env, "FINFLOW_REDIS_URL", d.redis_url, _url(_REDIS_SCHEMES)),
+        redis_url=_read(env, "FINFLOW_REDIS_URL", d.redis_url, _optional(_url(_REDIS_SCHEMES))),
         web_host=env.get("FINFLOW_WEB_HOST", d.web_host),
         web_port=_read(env, "FINFLOW_WEB_PORT", str(d.web_port), _port),
         advertised_url=env.get("FINFLOW_ADVERTISED_URL", d.advertised_url),
@@ -186,6 +196,11 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         db_partitions_ahead=_read(env, "FINFLOW_DB_PARTITIONS_AHEAD", "3", _non_negative_int),
         sink_max_delay_ms=_read(env, "FINFLOW_SINK_MAX_DELAY", "1s", parse_duration_ms),
         sink_enabled=_read(env, "FINFLOW_SINK_ENABLED", "true", _bool),
+        cache_enabled=_read(env, "FINFLOW_CACHE_ENABLED", "true", _bool),
+        cache_max_age_ms=_read(env, "FINFLOW_CACHE_MAX_AGE", "2s", parse_duration_ms),
+        cache_timeout_ms=_read(env, "FINFLOW_CACHE_TIMEOUT", "100ms", _positive_duration_ms),
+        cache_ttl_ms=_read(env, "FINFLOW_CACHE_TTL", "1h", _positive_duration_ms),
+        api_workers=_read(env, "FINFLOW_API_WORKERS", "", _http_urls),
         rules=_read(env, "FINFLOW_RULES_FILE", "", _rules_file),
         broker_security=broker_security_from_env(env),
     )
@@ -307,6 +322,27 @@ def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
         return text
 
     return parse
+
+
+def _optional(parse: Callable[[str], str]) -> Callable[[str], str]:
+    """Empty means unset (the feature is off); anything else must parse."""
+    return lambda text: text.strip() and parse(text.strip())
+
+
+def _positive_duration_ms(text: str) -> int:
+    value = parse_duration_ms(text)
+    if value <= 0:
+        raise ValueError("must be more than zero")
+    return value
+
+
+def _http_urls(text: str) -> tuple[str, ...]:
+    """Comma-separated ``http(s)://host:port`` URLs (empty: none)."""
+    urls = tuple(u.strip().rstrip("/") for u in text.split(",") if u.strip())
+    for url in urls:
+        if not re.fullmatch(r"https?://[^\s/:]+(:\d+)?", url):
+            raise ValueError(f"not an http://host:port URL: {url!r}")
+    return urls
 
 
 def _rules_file(path: str) -> Rules:

@@ -12,7 +12,7 @@ import aiohttp
 import psycopg
 from faust.types import TP
 from faust.web import Request, Response, View
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import generate_latest
 from psycopg_pool import PoolTimeout
 from yarl import URL
 
@@ -27,6 +27,7 @@ from models.aggregates import format_ms
 from tables.state import AccountState
 
 FORWARDED = "X-FinFlow-Forwarded"
+PROMETHEUS_TEXT = "text/plain; version=0.0.4"  # aiohttp adds the charset itself
 _TIMEOUT = aiohttp.ClientTimeout(total=5)
 Render = Callable[[AccountState], dict[str, Any]]
 
@@ -178,7 +179,7 @@ class MetricsView(View):
 
     async def get(self, request: Request) -> Response:
         metrics.READY.set(1 if not_ready_reason() is None else 0)
-        return self.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+        return self.bytes(generate_latest(), content_type=PROMETHEUS_TEXT)
 
 
 @app.page("/healthz")

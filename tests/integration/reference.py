@@ -44,7 +44,10 @@ class Reference:
             ms = ts if isinstance(ts, int) else round(datetime.fromisoformat(ts).timestamp() * 1000)
             ref.events[obj["account_id"]].append(
                 Event(
-                    obj["transaction_id"], ms, Decimal(str(obj["amount"])), obj["currency"],
+                    obj["transaction_id"],
+                    ms,
+                    Decimal(str(obj["amount"])),
+                    obj["currency"],
                     obj.get("merchant_id"),
                 )
             )
@@ -99,3 +102,28 @@ def observed(body: dict[str, object]) -> dict[str, object]:
         "last_event_at": ms(body["last_event_at"]),
         "currencies": body["currencies"],
     }
+
+
+def expected_alert_ids(records: list[Record]) -> set[str]:
+    """The alerts the default rules raise for a keyed stream, each account in produce order.
+
+    Rules depend only on an account's own earlier transactions, and a keyed account's records
+    stay in order in their partition, so this is what any crash-free run must raise.
+    """
+    from models.transaction import parse_transaction
+    from tables import rules
+    from tables.state import AccountState, Retention
+
+    conf, retention = rules.Rules(), Retention()
+    states: dict[str, AccountState] = defaultdict(AccountState.new)
+    ids: set[str] = set()
+    for offset, rec in enumerate(records):
+        if rec.kind not in ("valid", "duplicate"):
+            continue
+        txn = parse_transaction(rec.key, rec.value, now_ms=2**62, oldest_ms=0, max_future_ms=0)
+        state = states[txn.account_id]
+        if state.accept(txn, 0, offset, retention):
+            ids.update(a.alert_id for a in rules.evaluate(conf, state.profile, txn, 0))
+            state.add(txn)
+            rules.remember(conf, state.profile, txn)
+    return ids

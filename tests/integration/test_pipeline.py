@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from finflow.loadgen import BAD_KINDS, Spec, generate
+from finflow.loadgen import BAD_KINDS, Record, Spec, generate
 from tests.integration.checks import (
     assert_database_exact,
     assert_exact,
@@ -90,7 +90,43 @@ async def test_stream_matches_reference_and_dead_letters(tmp_path: Path) -> None
                 assert (status, body["count"], body["currencies"]) == (200, 0, {})
                 status, body = await get_json(http, f"{urls[1]}/accounts/{account}/rolling?span=0m")
                 assert (status, body["error"]) == (400, "invalid_parameter")
+            await assert_metrics(urls, ref, bad)
             assert all(w.running for w in workers)
         finally:
             for w in workers:
                 w.stop()
+
+
+def metric_values(text: str, name: str) -> dict[str, float]:
+    """Samples of one metric from Prometheus text: {label string: value}."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            labels, _, value = line[len(name) :].rpartition(" ")
+            out[labels] = float(value)
+    return out
+
+
+async def assert_metrics(urls: list[str], ref: Reference, bad: list[Record]) -> None:
+    """``/metrics`` of the workers adds up to what the test sent."""
+    accepted = 0.0
+    rejected: dict[str, float] = {}
+    async with aiohttp.ClientSession() as http:
+        for url in urls:
+            async with http.get(f"{url}/metrics") as resp:
+                assert resp.status == 200
+                assert resp.content_type == "text/plain"
+                text = await resp.text()
+            accepted += sum(metric_values(text, "finflow_transactions_accepted_total").values())
+            for labels, v in metric_values(text, "finflow_transactions_rejected_total").items():
+                rejected[labels] = rejected.get(labels, 0) + v
+            for name in (
+                "finflow_produce_to_apply_seconds_count",
+                "finflow_sink_batches_total",
+                "finflow_http_requests_total",
+                "finflow_ready",
+            ):
+                assert metric_values(text, name), name
+    assert accepted == sum(len(evs) for evs in ref.events.values())
+    want = {f'{{reason="{k}"}}': float(sum(1 for r in bad if r.kind == k)) for k in BAD_KINDS}
+    assert rejected == want
