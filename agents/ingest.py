@@ -1,15 +1,15 @@
-"""The ingest agent: batches of raw transaction records into the accounts table."""
+"""The ingest loop: batches of raw transaction records into the accounts table."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, cast
+from typing import Any
 
-import faust
 from faust.types import TP
 
-from agents.processor import IngestProcessor, MessageLike, Outputs
+from agents.processor import IngestProcessor, MessageLike, Outputs, key_partition
 from agents.topology import (
+    ALERTS,
     BY_ACCOUNT,
     TRANSACTIONS,
     accounts,
@@ -18,11 +18,12 @@ from agents.topology import (
     dlq_topic,
     ingest_topic,
 )
-from finflow import metrics
+from finflow import cache, metrics
 from finflow.app import app, settings
 from finflow.sink import DatabaseSink
 from models.alerts import Alert
 from models.exceptions import ValidationError
+from tables.store import send_batches
 
 SOURCE_HEADERS = ("finflow.source.topic", "finflow.source.partition", "finflow.source.offset")
 
@@ -91,22 +92,60 @@ if settings.sink_enabled:
     app.add_dependency(sink)
 
 
-@app.agent(ingest_topic)
-async def ingest(stream: faust.StreamT[Any]) -> None:
-    """Apply transactions in batches; events are acked only after their batch is written."""
+EXACTLY_ONCE = settings.processing_guarantee == "exactly_once"
+
+
+@app.on_partitions_revoked.connect  # type: ignore[arg-type]
+async def _on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
+    processor.forget()
+
+
+@app.on_partitions_assigned.connect  # type: ignore[arg-type]
+async def _on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
+    processor.forget()
+
+
+@app.task
+async def ingest() -> None:
+    """The ingest loop: batches of raw records in, each acked only after it is stored.
+
+    Order within a batch: database rows, then alerts (acked by the broker), then the table
+    values and their changelog records (acked by the broker), then the source records. A
+    crash anywhere replays the batch; every step before the table write is idempotent, and
+    records the table already reflects are recognised by their offsets.
+    """
     within = min(settings.batch_within_ms, settings.sink_max_delay_ms) / 1000
-    batches = cast(faust.Stream[Any], stream).take_events(settings.batch_size, within=within)
-    async for events in batches:
-        batch = processor.process([event.message for event in events])
-        if settings.sink_enabled:
-            # Rows are committed before the table values (and their changelog records) are
-            # written: a crash in between replays the batch, and the upserts are idempotent.
-            await sink.write(batch.txns, batch.snapshots, batch.alerts)
-        if batch.alerts:
-            await publish_alerts(batch.alerts)
-        processor.commit(batch)
-        metrics.observe_batch(batch.result)
-        positions.update(batch.result.positions)
+    while not app.should_stop:
+        messages = await ingest_topic.take(settings.batch_size, within)
+        if not messages:
+            continue
+        try:
+            await handle(messages)
+        except Exception as exc:
+            # Nothing of this batch is acked: a restart replays it. Stop loudly.
+            app.log.exception("ingest failed: %r", exc)
+            await app.crash(exc)
+            return
+
+
+async def handle(messages: list[Any]) -> None:
+    batch = processor.process(messages)
+    if settings.sink_enabled:
+        await sink.write(batch.txns, batch.snapshots, batch.alerts, batch.rejections)
+    if batch.alerts:
+        await publish_alerts(batch.alerts)
+    if EXACTLY_ONCE:
+        processor.commit(batch)  # through Faust's transactional producer
+    else:
+        await asyncio.gather(
+            *(accounts.write_batch_acked(p, items) for p, items in batch.writes.items())
+        )
+    await cache.publish(batch.writes)  # queued for a background writer; never blocks
+    consumer = app.consumer
+    for message in messages:
+        message.ack(consumer)
+    metrics.observe_batch(batch.result)
+    positions.update(batch.result.positions)
 
 
 positions: dict[tuple[str, int], int] = {}
@@ -118,18 +157,21 @@ async def publish_alerts(alerts: list[Alert]) -> None:
     A crash after this replays the batch and re-sends the same ``alert_id``s (de-duplicated
     downstream); a crash before it loses nothing, because nothing of the batch was stored.
     """
-    pending = [
-        await alerts_topic.send(
-            key=a.account_id.encode(),
-            value=a.encode(),
-            key_serializer="raw",
-            value_serializer="raw",
-        )
-        for a in alerts
-    ]
-    await asyncio.gather(*pending)
+    by_partition: dict[int, list[tuple[bytes | None, bytes]]] = {}
     for a in alerts:
+        key = a.account_id.encode()
+        partition = key_partition(key, settings.topic_partitions)
+        by_partition.setdefault(partition, []).append((key, a.encode()))
         metrics.ALERTS.labels(a.rule).inc()
+    if EXACTLY_ONCE:
+        for partition, records in by_partition.items():
+            for record_key, value in records:
+                alerts_topic.send_soon(key=record_key, value=value, partition=partition)
+        return
+    producer = app.producer._ensure_producer()  # type: ignore[attr-defined]
+    await asyncio.gather(
+        *(send_batches(producer, ALERTS, p, records) for p, records in by_partition.items())
+    )
 
 
 @app.timer(5.0)

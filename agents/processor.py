@@ -9,6 +9,7 @@ rebalance) are recognised by their offset and skipped.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -76,6 +77,19 @@ class Batch:
     txns: list[TxnRow] = field(default_factory=list)
     snapshots: list[SnapshotRow] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A record sent to the dead-letter topic, for the audit trail."""
+
+    reason: str
+    message: str
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
 
 
 @dataclass(slots=True)
@@ -97,6 +111,7 @@ class IngestProcessor:
         source_topics: Sequence[str],
         partitions: int,
         rows: bool = True,
+        cache_size: int = 20_000,
     ) -> None:
         self.table = table
         self.conf = conf
@@ -104,6 +119,11 @@ class IngestProcessor:
         self.sources = {name: index for index, name in enumerate(source_topics)}
         self.partitions = partitions
         self.rows = rows
+        # Decoded values of recently touched accounts: decoding dominates the per-record cost
+        # otherwise. Exact because every write to the table goes through this processor;
+        # cleared whenever partitions move (recovery writes the store directly).
+        self.cache: OrderedDict[tuple[int, bytes], AccountState] = OrderedDict()
+        self.cache_size = cache_size
 
     def process(self, messages: Sequence[MessageLike], now_ms: int | None = None) -> Batch:
         """Apply one batch to account states in memory; nothing is written yet (see commit)."""
@@ -116,7 +136,7 @@ class IngestProcessor:
         for msg in messages:
             result.positions[(msg.topic, msg.partition)] = msg.offset + 1
             result.records[msg.topic] = result.records.get(msg.topic, 0) + 1
-            txn = self._validate(msg, now_ms, result)
+            txn = self._validate(msg, now_ms, batch)
             if txn is None:
                 continue
             key = txn.account_id.encode()
@@ -154,7 +174,7 @@ class IngestProcessor:
         for partition, items in batch.writes.items():
             self.table.write_batch(partition, items)
 
-    def _validate(self, msg: MessageLike, now_ms: int, result: BatchResult) -> Transaction | None:
+    def _validate(self, msg: MessageLike, now_ms: int, batch: Batch) -> Transaction | None:
         try:
             if msg.value is None:
                 raise ValidationError(Reason.INVALID_JSON, "record has no value")
@@ -167,12 +187,26 @@ class IngestProcessor:
             )
         except ValidationError as exc:
             self.outputs.dead_letter(msg, exc)
-            result.rejected[exc.reason] = result.rejected.get(exc.reason, 0) + 1
+            rejected = batch.result.rejected
+            rejected[exc.reason] = rejected.get(exc.reason, 0) + 1
+            batch.rejections.append(
+                Rejection(
+                    exc.reason.value, exc.message, msg.topic, msg.partition, msg.offset, msg.key
+                )
+            )
             return None
 
     def _load(self, partition: int, key: bytes) -> AccountState:
+        cached = self.cache.get((partition, key))
+        if cached is not None:
+            self.cache.move_to_end((partition, key))
+            return cached
         raw = self.table.read(partition, key)
         return AccountState.new() if raw is None else AccountState.decode(raw)
+
+    def forget(self) -> None:
+        """Drop cached values (partitions were revoked or assigned)."""
+        self.cache.clear()
 
     def _finish(
         self,
@@ -187,6 +221,10 @@ class IngestProcessor:
             state = touched[slot]
             state.prune(now_ms, wall_ms, self.conf.retention)
             batch.writes.setdefault(partition, {})[key] = state.encode()
+            self.cache[slot] = state
+            self.cache.move_to_end(slot)
             if windows:
                 batch.snapshots.extend(rows.snapshot_rows(key.decode(), state, windows))
         batch.result.accounts = len(changed)
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from finflow.db.writer import SnapshotRow, TxnRow
 from models.transaction import Transaction
 from tables.state import AccountState
-from tables.windows import WINDOW_SIZES, window_start
+from tables.windows import COUNT, CURRENCIES, FIRST, LAST, MERCHANTS, WINDOW_SIZES, window_start
 
 
 def _utc(ms: int) -> datetime:
@@ -43,24 +43,27 @@ def touched_windows(txn: Transaction) -> list[tuple[str, int]]:
 def snapshot_rows(
     account_id: str, state: AccountState, windows: set[tuple[str, int]]
 ) -> list[SnapshotRow]:
-    """Current aggregate of each changed window that is still kept."""
+    """Current aggregate of each changed window that is still kept.
+
+    ``currencies`` keeps the exact integer minor units ``{currency: [count, sum, min, max]}``;
+    readers format money (``/history`` does so with the currency's minor digits).
+    """
     rows = []
-    for name, start in sorted(windows):
-        if not state.has_window(name, start):
+    for name, start in windows:
+        bucket = state.bucket(name, start)
+        if bucket is None:
             continue  # expired at once (an old event beyond this size's retention)
-        agg = state.window(name, start)
-        body = agg.body()
         rows.append(
             SnapshotRow(
                 account_id=account_id,
                 window_size=name,
-                window_start=_utc(agg.start_ms),
-                window_end=_utc(agg.end_ms),
-                count=agg.count,
-                distinct_merchants=len(agg.merchants),
-                first_event_at=_opt_utc(agg.first_ms),
-                last_event_at=_opt_utc(agg.last_ms),
-                currencies=body["currencies"],
+                window_start=_utc(start),
+                window_end=_utc(start + WINDOW_SIZES[name]),
+                count=bucket[COUNT],
+                distinct_merchants=len(bucket[MERCHANTS]),
+                first_event_at=_opt_utc(bucket[FIRST]),
+                last_event_at=_opt_utc(bucket[LAST]),
+                currencies=bucket[CURRENCIES],
                 version=state.version,
             )
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from agents.batching import BatchTopic
 from finflow.app import app, settings
 from tables.store import PartitionedTable
 
@@ -19,7 +20,13 @@ by_account_topic = app.topic(
 )
 # The agent reads both: records keyed by their account are processed where they land,
 # the rest are first re-keyed to the by-account topic (co-partitioning, as group_by does).
-ingest_topic = app.topic(TRANSACTIONS, BY_ACCOUNT, partitions=settings.topic_partitions)
+ingest_topic = BatchTopic(
+    app,
+    topics=[TRANSACTIONS, BY_ACCOUNT],
+    partitions=settings.topic_partitions,
+    maxsize=4 * settings.batch_size,
+)
+app.topics.add(ingest_topic)  # subscribed (and co-partitioned) like an agent's topic
 dlq_topic = app.topic(DLQ, partitions=settings.topic_partitions, config=_RETENTION)
 alerts_topic = app.topic(ALERTS, partitions=settings.topic_partitions, config=_RETENTION)
 

@@ -1,4 +1,4 @@
-"""The ``finflow`` command: worker, loadgen, broker."""
+"""The ``finflow`` command: worker, api, loadgen, migrate, audit, demo, bench."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import logging
 import shutil
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 from finflow.errors import ConfigError
@@ -44,13 +45,42 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--start", type=int, default=None, help="event time of the first record")
     gen.add_argument("--topic", default="transactions")
     gen.set_defaults(run=run_loadgen)
+    api = sub.add_parser("api", help="read-only HTTP API: answers from Redis, forwards misses")
+    api.add_argument("--port", type=int, default=None, help="default: FINFLOW_WEB_PORT")
+    api.set_defaults(run=run_api)
     mig = sub.add_parser("migrate", help="create or upgrade the database schema (idempotent)")
     mig.set_defaults(run=run_migrate)
+    audit = sub.add_parser("audit", help="print audit-trail rows as JSON lines, newest first")
+    audit_options(audit)
+    audit.set_defaults(run=run_audit)
+    rep = sub.add_parser("replay-rules", help="what the rules would have raised over stored data")
+    rep.add_argument("--from", dest="start", required=True, help="RFC 3339 or epoch ms")
+    rep.add_argument("--to", dest="end", required=True, help="RFC 3339 or epoch ms")
+    rep.add_argument("--warmup", default="24h", help="history before --from used as context")
+    rep.add_argument("--account", default=None)
+    rep.add_argument("--rules", default=None, help="JSON rules file (default FINFLOW_RULES_FILE)")
+    rep.add_argument("--verbose", action="store_true", help="print every alert as JSON")
+    rep.set_defaults(run=run_replay)
     demo = sub.add_parser("demo", help="broker + worker + load generator, live aggregates")
     demo.add_argument("--duration", type=float, default=30.0)
     demo.add_argument("--rate", type=float, default=500.0)
     demo.set_defaults(run=run_demo)
+    bench = sub.add_parser("bench", help="throughput and latency against baselines, one run")
+    bench_options(bench)
+    bench.set_defaults(run=run_bench)
     return parser
+
+
+def bench_options(parser: argparse.ArgumentParser) -> None:
+    from finflow.bench.config import add_arguments
+
+    add_arguments(parser)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from finflow.bench import run_bench
+
+    return run_bench(args)
 
 
 def run_migrate(args: argparse.Namespace) -> int:
@@ -69,6 +99,86 @@ def run_migrate(args: argparse.Namespace) -> int:
         print(f"finflow: database error: {reason}", file=sys.stderr)
         return 1
     print("\n".join(lines))
+    return 0
+
+
+def audit_options(parser: argparse.ArgumentParser) -> None:
+    from finflow.audit import ACTIONS, parse_since
+
+    def since(text: str) -> datetime:
+        try:
+            return parse_since(text, datetime.now(UTC))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    def limit(text: str) -> int:
+        if not (text.isascii() and text.isdigit() and int(text) > 0):
+            raise argparse.ArgumentTypeError("must be a positive integer")
+        return int(text)
+
+    parser.add_argument("--action", choices=ACTIONS)
+    parser.add_argument("--since", type=since, help="ISO 8601 time (UTC if no offset) or age: 24h")
+    parser.add_argument("--subject", help="account id, topic:partition:offset or migration name")
+    parser.add_argument("--limit", type=limit, default=100)
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    """Print matching ``finflow.audit_log`` rows, newest first, one JSON object a line."""
+    import psycopg
+
+    from finflow.audit import print_rows
+    from finflow.settings import from_env
+
+    try:
+        asyncio.run(print_rows(from_env(), args.action, args.since, args.subject, args.limit))
+    except psycopg.Error as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"finflow: database error: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_api(args: argparse.Namespace) -> int:
+    """Serve the read-only API until SIGINT or SIGTERM."""
+    from finflow import api
+    from finflow.settings import from_env
+
+    api.run(from_env(), port=args.port)
+    return 0
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    """Run rules (current or ``--rules``) over stored transactions and report what fires."""
+    import json
+    import os
+    from datetime import UTC, datetime
+
+    import psycopg
+
+    from finflow import params, replay
+    from finflow.errors import ApiError
+    from finflow.settings import from_env, parse_duration_ms
+
+    env = dict(os.environ)
+    if args.rules:
+        env["FINFLOW_RULES_FILE"] = args.rules
+    conf = from_env(env)
+    try:
+        start_ms = params.instant_ms({"from": args.start}, "from", required=True)
+        end_ms = params.instant_ms({"to": args.end}, "to", required=True)
+        warmup_ms = parse_duration_ms(args.warmup)
+    except (ApiError, ValueError) as exc:
+        print(f"finflow replay-rules: {exc}", file=sys.stderr)
+        return 2
+    start = datetime.fromtimestamp(start_ms / 1000, tz=UTC)
+    end = datetime.fromtimestamp(end_ms / 1000, tz=UTC)
+    warmup = datetime.fromtimestamp((start_ms - warmup_ms) / 1000, tz=UTC)
+    with psycopg.connect(conf.database_url) as conn:
+        alerts = replay.replay(
+            conn, conf.rules, start, end, warmup_start=warmup, account=args.account
+        )
+        counts = replay.report(alerts, verbose=args.verbose)
+    print(json.dumps({"from": args.start, "to": args.end, "alerts_by_rule": counts}))
     return 0
 
 

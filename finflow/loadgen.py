@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -94,12 +95,18 @@ def _transaction(
         "timestamp": event_ms if rng.random() < 0.5 else _rfc3339(event_ms),
         "merchant_id": f"m-{rng.randrange(2000):05d}",
         "mcc": f"{rng.choice((5411, 5812, 5999, 6011, 4829)):04d}",
-        "country": rng.choice(COUNTRIES),
+        "country": _country(rng, account),
         "channel": rng.choice(CHANNELS),
     }
     if rng.random() < 0.1:
         del txn["merchant_id"]
     return txn
+
+
+def _country(rng: random.Random, account: str) -> str:
+    """Mostly the account's home country (fixed per account), now and then a trip abroad."""
+    home = COUNTRIES[zlib.crc32(account.encode()) % len(COUNTRIES)]
+    return home if rng.random() < 0.98 else rng.choice(COUNTRIES)
 
 
 def _rfc3339(ms: int) -> str:

@@ -14,7 +14,8 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from finflow import metrics
-from finflow.db.writer import SnapshotRow, TxnRow, write_alerts, write_batch
+from finflow.audit import actor_for_worker, record_config, rows_for_batch
+from finflow.db.writer import SnapshotRow, TxnRow, write_alerts, write_audit, write_batch
 from finflow.settings import Settings
 from models.alerts import Alert
 
@@ -44,10 +45,24 @@ class DatabaseSink(Service):
         self.healthy = True
         self.last_error = ""
         self.rows_written = 0
+        self.actor = actor_for_worker(conf)
+        self.config_recorded = False
         self.rows_dead_lettered = 0
 
     async def on_start(self) -> None:
         await self.pool.open(wait=False)
+
+    @Service.task
+    async def _audit_configuration(self) -> None:
+        """Audit the configuration this worker started with, as soon as the database answers."""
+        while not self.should_stop and not self.config_recorded:
+            try:
+                async with self.pool.connection() as conn:
+                    await record_config(conn, self.conf, self.actor)
+                self.config_recorded = True
+            except (psycopg.Error, PoolTimeout, OSError) as exc:
+                log.info("configuration not audited yet (database unavailable): %s", exc)
+                await self.sleep(1.0)
 
     async def on_stop(self) -> None:
         await self.pool.close()
@@ -57,9 +72,10 @@ class DatabaseSink(Service):
         txns: Sequence[TxnRow],
         snapshots: Sequence[SnapshotRow],
         alerts: Sequence[Alert] = (),
+        rejections: Sequence[Any] = (),
     ) -> None:
         """Commit the rows, retrying with backoff on any database failure."""
-        if not txns and not snapshots and not alerts:
+        if not txns and not snapshots and not alerts and not rejections:
             return
         delay = 0.1
         while True:
@@ -68,6 +84,7 @@ class DatabaseSink(Service):
                 async with self.pool.connection() as conn:
                     dead = await write_batch(conn, txns, snapshots)
                     await write_alerts(conn, alerts)
+                    await write_audit(conn, rows_for_batch(self.actor, alerts, rejections))
             except (psycopg.Error, PoolTimeout, OSError) as exc:
                 metrics.SINK_ERRORS.inc()
                 self._failed(exc)

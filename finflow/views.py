@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+import orjson
 import psycopg
+from faust.stores import rocksdb
 from faust.types import TP
 from faust.web import Request, Response, View
 from prometheus_client import generate_latest
@@ -19,17 +20,25 @@ from yarl import URL
 from agents.ingest import sink
 from agents.processor import key_partition
 from agents.topology import accounts
-from finflow import metrics, params
+from finflow import cache, metrics, params
+from finflow.api import (
+    Render,
+    account_body,
+    aggregates_render,
+    alerts_query,
+    check_token,
+    history_query,
+    rolling_render,
+)
 from finflow.app import app, settings
 from finflow.errors import ApiError
 from finflow.sink import HISTORY_LIMIT
-from models.aggregates import format_ms
+from models.aggregates import CurrencyStats, format_ms
 from tables.state import AccountState
 
 FORWARDED = "X-FinFlow-Forwarded"
 PROMETHEUS_TEXT = "text/plain; version=0.0.4"  # aiohttp adds the charset itself
 _TIMEOUT = aiohttp.ClientTimeout(total=5)
-Render = Callable[[AccountState], dict[str, Any]]
 
 
 def error(view: View, exc: ApiError) -> Response:
@@ -47,16 +56,7 @@ async def measured(route: str, handler: Awaitable[Response]) -> Response:
 
 def authorize(request: Request) -> None:
     """Require a configured bearer token when ``FINFLOW_API_TOKENS`` is set."""
-    if not settings.api_tokens:
-        return
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    given = token.strip().encode()
-    ok = scheme.lower() == "bearer" and any(
-        hmac.compare_digest(given, t.encode()) for t in settings.api_tokens
-    )
-    if not ok:
-        raise ApiError(401, "unauthorized", "a valid bearer token is required")
+    check_token(settings.api_tokens, request.headers.get("Authorization", ""))
 
 
 def is_ready() -> bool:
@@ -74,8 +74,40 @@ def not_ready_reason() -> tuple[str, str] | None:
     return None
 
 
+def owned_partitions() -> set[int]:
+    """Partitions of the accounts table this worker owns, once they are recovered."""
+    if not is_ready():
+        return set()
+    topic = accounts.changelog_topic.get_topic_name()
+    return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic}
+
+
+def partition_items(partition: int) -> list[tuple[bytes, bytes]]:
+    """Every account (key, value) of one partition of the local accounts store."""
+    store: Any = accounts.data
+    if isinstance(store, rocksdb.Store):
+        items = store._db_for_partition(partition).items()
+    else:
+        items = ((k, v) for k, v in store.data.items() if store._key_partition.get(k) == partition)
+    return [(k, v) for k, v in items if not k.startswith(b"__faust")]  # not the offset record
+
+
+hot = cache.HotCache(settings)
+publisher = cache.Publisher(hot, settings.web_url, owned_partitions, partition_items)
+if hot.enabled:
+    app.add_dependency(publisher)
+    cache.install(publisher)
+
+
+@app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mode's union of receiver types
+def _revoked(sender: Any, *args: Any, **kwargs: Any) -> None:
+    """Values of a revoked partition may change elsewhere: resync it if it comes back."""
+    revoked: set[TP] = args[0]
+    publisher.forget({tp.partition for tp in revoked})
+
+
 async def serve_account(view: View, request: Request, account_id: str, render: Render) -> Response:
-    """Answer from the local table when this worker owns the account, else forward."""
+    """The owner answers from its table; others from a fresh cached value, else forward."""
     key = account_id.encode()
     partition = key_partition(key, settings.topic_partitions)
     tp = TP(accounts.changelog_topic.get_topic_name(), partition)
@@ -85,12 +117,31 @@ async def serve_account(view: View, request: Request, account_id: str, render: R
         raw = accounts.read(partition, key)
         if raw is None:
             raise ApiError(404, "unknown_account", f"account {account_id!r} was never seen")
-        state = AccountState.decode(raw)
-        body = {"account_id": account_id, **render(state), "as_of": format_ms(state.updated_ms)}
-        return view.json(body)
+        return view.json(account_body(account_id, AccountState.decode(raw), render))
     if request.headers.get(FORWARDED):
         raise ApiError(503, "rebalancing", "partition ownership is moving; retry shortly")
+    found = await hot.account(account_id, partition)
+    if found.state is not None:
+        return view.json(account_body(account_id, found.state, render))
     return await forward(view, request, tp)
+
+
+async def serve_derived(
+    view: View, account_id: str, field: str, load: Callable[[], Awaitable[Any]]
+) -> Response:
+    """A ``/history`` or ``/alerts`` body from the cache, else loaded and then cached.
+
+    The account's cached version is read before the database: the body holds at least that
+    version's rows, and the publisher drops it as soon as a newer version lands.
+    """
+    partition = key_partition(account_id.encode(), settings.topic_partitions)
+    found = await hot.derived(account_id, partition, field)
+    if found.body is not None:
+        return view.bytes(found.body, content_type="application/json")
+    body = orjson.dumps(await load())
+    if found.version is not None:
+        await hot.fill(account_id, found.version, field, body)
+    return view.bytes(body, content_type="application/json")
 
 
 def owner_url(tp: TP) -> URL | None:
@@ -128,18 +179,7 @@ class AggregatesView(View):
     async def _get(self, request: Request, account_id: str) -> Response:
         try:
             authorize(request)
-            name = params.window(request.query)
-            at_ms = params.instant_ms(request.query, "at")
-
-            def render(state: AccountState) -> dict[str, Any]:
-                agg = state.window(name, at_ms)
-                return {
-                    "window": name,
-                    "window_start": format_ms(agg.start_ms),
-                    "window_end": format_ms(agg.end_ms),
-                    **agg.body(),
-                }
-
+            render = aggregates_render(request.query)
             return await serve_account(self, request, account_id, render)
         except ApiError as exc:
             return error(self, exc)
@@ -155,19 +195,7 @@ class RollingView(View):
     async def _get(self, request: Request, account_id: str) -> Response:
         try:
             authorize(request)
-            span_ms = params.span_ms(request.query)
-            span = request.query["span"]
-            at_ms = params.instant_ms(request.query, "at")
-
-            def render(state: AccountState) -> dict[str, Any]:
-                agg = state.rolling(span_ms, at_ms)
-                return {
-                    "span": span,
-                    "from": format_ms(agg.start_ms),
-                    "to": format_ms(agg.end_ms),
-                    **agg.body(),
-                }
-
+            render = rolling_render(request.query)
             return await serve_account(self, request, account_id, render)
         except ApiError as exc:
             return error(self, exc)
@@ -211,13 +239,13 @@ class HistoryView(View):
     async def _get(self, request: Request, account_id: str) -> Response:
         try:
             authorize(request)
-            name = params.window(request.query)
-            start = params.instant_ms(request.query, "from", required=True)
-            end = params.instant_ms(request.query, "to", required=True)
-            if end <= start:
-                raise params.bad("to", "must be after from")
-            items = await self._items(account_id, name, start, end)
-            return self.json({"account_id": account_id, "window": name, "items": items})
+            name, start, end, field = history_query(request.query)
+
+            async def load() -> dict[str, Any]:
+                items = await self._items(account_id, name, start, end)
+                return {"account_id": account_id, "window": name, "items": items}
+
+            return await serve_derived(self, account_id, field, load)
         except ApiError as exc:
             return error(self, exc)
 
@@ -245,18 +273,23 @@ class AlertsView(View):
     async def _get(self, request: Request, account_id: str) -> Response:
         try:
             authorize(request)
-            limit = params.limit(request.query)
+            limit, field = alerts_query(request.query)
             if not settings.sink_enabled:
                 raise ApiError(503, "alerts_disabled", "this worker runs without the database")
-            try:
-                rows = await sink.alerts(account_id, limit)
-            except (psycopg.Error, PoolTimeout, OSError) as exc:
-                raise ApiError(503, "database_unavailable", str(exc).strip()[:200]) from None
-            if rows is None:
-                raise ApiError(404, "unknown_account", f"account {account_id!r} was never seen")
-            return self.json({"account_id": account_id, "alerts": [alert_item(r) for r in rows]})
+            return await serve_derived(
+                self, account_id, field, lambda: self._load(account_id, limit)
+            )
         except ApiError as exc:
             return error(self, exc)
+
+    async def _load(self, account_id: str, limit: int) -> dict[str, Any]:
+        try:
+            rows = await sink.alerts(account_id, limit)
+        except (psycopg.Error, PoolTimeout, OSError) as exc:
+            raise ApiError(503, "database_unavailable", str(exc).strip()[:200]) from None
+        if rows is None:
+            raise ApiError(404, "unknown_account", f"account {account_id!r} was never seen")
+        return {"account_id": account_id, "alerts": [alert_item(r) for r in rows]}
 
 
 def alert_item(row: dict[str, Any]) -> dict[str, Any]:
@@ -276,6 +309,7 @@ def _ms(moment: datetime | None) -> int | None:
 
 
 def history_item(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored snapshot in the shape of a window aggregate (money formatted here)."""
     return {
         "window_start": format_ms(_ms(row["window_start"])),
         "window_end": format_ms(_ms(row["window_end"])),
@@ -283,5 +317,8 @@ def history_item(row: dict[str, Any]) -> dict[str, Any]:
         "distinct_merchants": row["distinct_merchants"],
         "first_event_at": format_ms(_ms(row["first_event_at"])),
         "last_event_at": format_ms(_ms(row["last_event_at"])),
-        "currencies": row["currencies"],
+        "currencies": {
+            cur: CurrencyStats(*stats).to_json(cur)
+            for cur, stats in sorted(row["currencies"].items())
+        },
     }

@@ -4,32 +4,45 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 from models.currencies import minor_digits
+
+_DAYS: dict[int, str] = {}
 
 
 def format_ms(ms: int | None) -> str | None:
     """RFC 3339 UTC with milliseconds, e.g. ``2026-11-24T22:53:00.000Z``."""
     if ms is None:
         return None
-    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    day, in_day = divmod(ms, 86_400_000)
+    date = _DAYS.get(day)
+    if date is None:
+        if len(_DAYS) > 4096:
+            _DAYS.clear()
+        date = _DAYS[day] = datetime.fromtimestamp(day * 86_400, tz=UTC).strftime("%Y-%m-%dT")
+    seconds, millis = divmod(in_day, 1000)
+    minutes, sec = divmod(seconds, 60)
+    hours, mins = divmod(minutes, 60)
+    return f"{date}{hours:02d}:{mins:02d}:{sec:02d}.{millis:03d}Z"
 
 
 def format_money(minor: int, currency: str) -> str:
     """Integer minor units as a decimal string with the currency's minor digits."""
     digits = minor_digits(currency) or 0
-    return f"{Decimal(minor).scaleb(-digits):.{digits}f}"
+    if digits == 0:
+        return str(minor)
+    units, cents = divmod(abs(minor), 10**digits)
+    return f"{'-' if minor < 0 else ''}{units}.{cents:0{digits}d}"
 
 
 def mean_money(total: int, count: int, currency: str) -> str:
     """Mean of ``count`` amounts summing to ``total`` minor units, rounded half-even."""
-    digits = minor_digits(currency) or 0
-    exact = Decimal(total) / Decimal(count) / (Decimal(10) ** digits)
-    rounded = exact.quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_EVEN)
-    return f"{rounded.copy_abs() if rounded.is_zero() else rounded:.{digits}f}"  # no "-0.00"
+    quotient, remainder = divmod(total, count)  # floor division, exact on integers
+    twice = 2 * remainder
+    if twice > count or (twice == count and quotient % 2 == 1):
+        quotient += 1
+    return format_money(quotient, currency)
 
 
 @dataclass(slots=True)

@@ -146,8 +146,11 @@ def _busiest_span(times: list[int], at: int, span_ms: int) -> int:
 
 
 def _velocity(rule: Velocity, prof: Profile, txn: Transaction) -> dict[str, Any] | None:
-    times = [e[0] for e in prof.get("r", ())]
-    count = _busiest_span(times, txn.event_ms, rule.span_ms)
+    at, span = txn.event_ms, rule.span_ms
+    times = [e[0] for e in prof.get("r", ()) if at - span < e[0] < at + span]
+    if len(times) < rule.max_count:  # cannot exceed max_count in any window: skip the scan
+        return None
+    count = _busiest_span(times, at, span)
     if count > rule.max_count and _cooled(prof, "velocity", txn, rule.span_ms):
         return {"count": count, "max_count": rule.max_count, "span_seconds": rule.span_ms // 1000}
     return None

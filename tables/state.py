@@ -122,10 +122,11 @@ class AccountState:
         version: int = self.data["v"]
         return version
 
-    def has_window(self, name: str, start_ms: int) -> bool:
-        """True when the window is kept (not expired)."""
+    def bucket(self, name: str, start_ms: int) -> windows.Bucket | None:
+        """The raw bucket of a kept window (None when empty or expired)."""
         index = _SIZES.index(windows.WINDOW_SIZES[name])
-        return str(start_ms) in self.data["w"][index]
+        found: windows.Bucket | None = self.data["w"][index].get(str(start_ms))
+        return found
 
     @property
     def updated_ms(self) -> int:

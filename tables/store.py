@@ -8,11 +8,13 @@ of Faust's table: the RocksDB store, the changelog, recovery, standbys and routi
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
 import faust
 from faust.stores import rocksdb
+from faust.types import TP
 from rocksdict import WriteBatch
 
 
@@ -32,6 +34,24 @@ class PartitionedTable(faust.Table):
         """Store ``items`` in ``partition`` and send one changelog record per key."""
         if not items:
             return
+        self.write_local(partition, items)
+        for key, value in items.items():
+            self.send_changelog(partition, key, value, key_serializer="raw", value_serializer="raw")
+
+    async def write_batch_acked(self, partition: int, items: Mapping[bytes, bytes]) -> None:
+        """Like :meth:`write_batch`, with the changelog records sent as one producer batch and
+        acknowledged by the broker before this returns (at-least-once mode only: under
+        ``exactly_once`` records must go through Faust's transactional producer instead)."""
+        if not items:
+            return
+        self.write_local(partition, items)
+        topic = self.changelog_topic.get_topic_name()
+        producer = self.app.producer._ensure_producer()  # type: ignore[attr-defined]
+        last = await send_batches(producer, topic, partition, list(items.items()))
+        self.data.set_persisted_offset(TP(topic, partition), last)
+
+    def write_local(self, partition: int, items: Mapping[bytes, bytes]) -> None:
+        """Store ``items`` in the local store of ``partition`` (no changelog)."""
         store: Any = self.data
         if isinstance(store, rocksdb.Store):
             batch = WriteBatch(raw_mode=True)  # faust picks rocksdict (pinned) for rocksdb://
@@ -43,5 +63,21 @@ class PartitionedTable(faust.Table):
             store.data.update(items)
             for key in items:
                 store._key_partition[key] = partition
-        for key, value in items.items():
-            self.send_changelog(partition, key, value, key_serializer="raw", value_serializer="raw")
+
+
+async def send_batches(
+    producer: Any, topic: str, partition: int, records: list[tuple[bytes | None, bytes]]
+) -> int:
+    """Produce ``records`` to one partition as few batches; the offset of the last one."""
+    pending = []
+    batch, count = producer.create_batch(), 0
+    for key, value in records:
+        if batch.append(key=key, value=value, timestamp=None) is None:
+            pending.append((await producer.send_batch(batch, topic, partition=partition), count))
+            batch, count = producer.create_batch(), 0
+            batch.append(key=key, value=value, timestamp=None)
+        count += 1
+    pending.append((await producer.send_batch(batch, topic, partition=partition), count))
+    metas = await asyncio.gather(*(future for future, _ in pending))
+    last_count = pending[-1][1]
+    return int(metas[-1].offset) + last_count - 1

@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 import psycopg
 from psycopg import sql
 
+from finflow.audit import actor_for_command
+from finflow.db.writer import AuditRow, write_audit
 from finflow.settings import Settings
 
 #: Transaction-level advisory lock serialising concurrent migrations ("FinFlow" + 1).
@@ -197,6 +199,38 @@ async def _rollup_fallback(conn: psycopg.AsyncConnection, conf: Settings) -> Non
     await conn.execute(_PLAIN_ROLLUP)
 
 
+# Append-only for every role: statement-level, so even an UPDATE matching no row raises;
+# ENABLE ALWAYS keeps it firing under session_replication_role = replica.
+_AUDIT_LOG = """
+CREATE TABLE finflow.audit_log (
+    id bigserial PRIMARY KEY,
+    occurred_at timestamptz NOT NULL DEFAULT now(),
+    actor text NOT NULL,
+    action text NOT NULL,
+    subject text,
+    details jsonb NOT NULL,
+    dedup_key text UNIQUE
+);
+CREATE INDEX audit_log_action_time ON finflow.audit_log (action, occurred_at);
+CREATE INDEX audit_log_subject ON finflow.audit_log (subject);
+CREATE FUNCTION finflow.audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'finflow.audit_log is append-only: % refused', TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END
+$$;
+CREATE TRIGGER audit_log_append_only
+    BEFORE UPDATE OR DELETE OR TRUNCATE ON finflow.audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION finflow.audit_log_append_only();
+ALTER TABLE finflow.audit_log ENABLE ALWAYS TRIGGER audit_log_append_only;
+REVOKE UPDATE, DELETE, TRUNCATE ON finflow.audit_log FROM PUBLIC
+"""
+
+
+async def _audit_log(conn: psycopg.AsyncConnection, conf: Settings) -> None:
+    await conn.execute(_AUDIT_LOG)
+
+
 Step = Callable[[psycopg.AsyncConnection, Settings], Awaitable[None]]
 
 
@@ -213,6 +247,7 @@ class Migration:
 MIGRATIONS = (
     Migration(1, "tables", _tables_timescale, _tables_fallback),
     Migration(2, "hourly_rollup", _rollup_timescale, _rollup_fallback),
+    Migration(3, "audit_log", _audit_log, _audit_log),
 )
 
 
@@ -242,14 +277,20 @@ async def applied_versions(conn: psycopg.AsyncConnection) -> list[int]:
 
 
 async def migrate(
-    conn: psycopg.AsyncConnection, conf: Settings, *, timescale: bool | None = None
+    conn: psycopg.AsyncConnection,
+    conf: Settings,
+    *,
+    timescale: bool | None = None,
+    actor: str | None = None,
 ) -> list[str]:
     """Apply pending migrations in one transaction; the names applied (empty when up to date).
 
     ``conn`` must be idle (no open transaction). ``timescale`` forces a storage path;
-    by default TimescaleDB is used whenever the server can load it.
+    by default TimescaleDB is used whenever the server can load it. Each migration applied
+    gets a ``migrate`` row in ``finflow.audit_log``, by ``actor`` (default: this OS user).
     """
     applied: list[str] = []
+    audit: list[AuditRow] = []
     async with conn.transaction():
         # Read committed: statements after the lock must see what the lock holder committed.
         await conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
@@ -264,7 +305,20 @@ async def migrate(
                 (step.version, step.name),
             )
             applied.append(step.name)
+            audit.append(_audit_row(step, use_timescale, actor))
+        await write_audit(conn, audit)  # same transaction: no migration without its record
     return applied
+
+
+def _audit_row(step: Migration, timescale: bool, actor: str | None) -> AuditRow:
+    storage = "timescaledb" if timescale else "native partitions"
+    return AuditRow(
+        actor=actor or actor_for_command("finflow migrate"),
+        action="migrate",
+        subject=step.name,
+        details={"version": step.version, "name": step.name, "storage": storage},
+        dedup_key=f"migrate:{step.version}",
+    )
 
 
 async def ensure_database(url: str) -> bool:

@@ -57,6 +57,17 @@ class SnapshotRow:
     version: int
 
 
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    """One row of ``finflow.audit_log``; ``dedup_key`` makes a repeated source write it once."""
+
+    actor: str
+    action: str
+    subject: str | None
+    details: dict[str, Any]
+    dedup_key: str | None = None
+
+
 _TXN_COLS = (
     "account_id, transaction_id, event_time, amount, currency, merchant_id, mcc, country,"
     " channel, source_topic, source_partition, source_offset"
@@ -300,3 +311,32 @@ async def write_alerts(conn: psycopg.AsyncConnection[Any], alerts: Sequence[Aler
     ]
     async with conn.transaction(), conn.cursor() as cur:
         await cur.executemany(_INSERT_ALERT, rows)
+
+
+_INSERT_AUDIT = """
+INSERT INTO finflow.audit_log (actor, action, subject, details, dedup_key)
+VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT (dedup_key) DO NOTHING
+"""
+
+
+async def write_audit(conn: psycopg.AsyncConnection[Any], rows: Sequence[AuditRow]) -> None:
+    """Append audit rows in one transaction (a savepoint inside the caller's); idempotent.
+
+    Rows whose ``dedup_key`` is already stored are skipped. Text is made storable (NUL
+    characters become U+FFFD) since it may come from hostile input.
+    """
+    if not rows:
+        return
+    params = [
+        (
+            _plain(r.actor),
+            _plain(r.action),
+            _plain(r.subject),
+            Jsonb(_plain(r.details), dumps=orjson.dumps),
+            _plain(r.dedup_key),
+        )
+        for r in rows
+    ]
+    async with conn.transaction(), conn.cursor() as cur:
+        await cur.executemany(_INSERT_AUDIT, params)

@@ -6,12 +6,13 @@ import asyncio
 import time
 from collections.abc import Sequence
 from datetime import datetime
+from decimal import ROUND_HALF_EVEN, Decimal
 
 import aiohttp
 import psycopg
 
 from tests.integration.harness import get_json
-from tests.integration.reference import SIZES, Reference, observed
+from tests.integration.reference import DIGITS, SIZES, Reference, observed
 
 
 async def wait_counted(urls: Sequence[str], ref: Reference, timeout: float = 180) -> None:
@@ -104,9 +105,26 @@ def assert_database_exact(url: str, ref: Reference) -> None:
     for (account, size, start), (count, merchants, first, last, currencies) in got.items():
         want = ref.expect(account, start, start + SIZES[size])
         assert {
-            "count": count, "distinct_merchants": merchants, "first_event_at": _ms(first),
-            "last_event_at": _ms(last), "currencies": currencies,
+            "count": count,
+            "distinct_merchants": merchants,
+            "first_event_at": _ms(first),
+            "last_event_at": _ms(last),
+            "currencies": stored_money(currencies),
         } == want, (account, size, start)
+
+
+def stored_money(currencies: dict[str, list[int]]) -> dict[str, dict[str, object]]:
+    """The database keeps exact minor units ``[count, sum, min, max]``: format them."""
+    out = {}
+    for cur, (count, total, low, high) in currencies.items():
+        unit = Decimal(1).scaleb(-DIGITS[cur])
+        amounts = {"sum": total, "min": low, "max": high}
+        out[cur] = {
+            "count": count,
+            **{k: str((Decimal(v) * unit).quantize(unit)) for k, v in amounts.items()},
+            "mean": str((Decimal(total) * unit / count).quantize(unit, rounding=ROUND_HALF_EVEN)),
+        }
+    return out
 
 
 def _ms(moment: datetime | None) -> int | None:

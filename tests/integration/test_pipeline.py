@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import psycopg
 import pytest
 
 from finflow.loadgen import BAD_KINDS, Record, Spec, generate
@@ -91,6 +92,7 @@ async def test_stream_matches_reference_and_dead_letters(tmp_path: Path) -> None
                 status, body = await get_json(http, f"{urls[1]}/accounts/{account}/rolling?span=0m")
                 assert (status, body["error"]) == (400, "invalid_parameter")
             await assert_metrics(urls, ref, bad)
+            assert_audited(db, bad, workers=2)
             assert all(w.running for w in workers)
         finally:
             for w in workers:
@@ -130,3 +132,16 @@ async def assert_metrics(urls: list[str], ref: Reference, bad: list[Record]) -> 
     assert accepted == sum(len(evs) for evs in ref.events.values())
     want = {f'{{reason="{k}"}}': float(sum(1 for r in bad if r.kind == k)) for k in BAD_KINDS}
     assert rejected == want
+
+
+def assert_audited(db: str, bad: list[Record], workers: int) -> None:
+    """Every rejection and alert, the migrations and each worker's start configuration."""
+    with psycopg.connect(db) as conn:
+        actions = dict(
+            conn.execute("SELECT action, count(*) FROM finflow.audit_log GROUP BY action")
+        )
+        alerts = conn.execute("SELECT count(*) FROM finflow.alerts").fetchone()
+    assert actions["reject"] == len(bad)
+    assert actions.get("alert", 0) == (alerts[0] if alerts else 0)
+    assert actions["config"] == workers
+    assert actions["migrate"] >= 1

@@ -1,0 +1,98 @@
+"""What one benchmark run does: sizes, rates and durations (one frozen object)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Event times of the pre-produced stream span this much of the recent past.
+EVENT_SPAN_S = 600
+#: Records may be this much older than their predecessor (the peers' grace covers it).
+DISORDER_MS = 2_000
+QUIX_VERSION = "3.28.1"
+#: Quix Streams 3.28 pins confluent-kafka below 2.13.
+QUIX_PINS = (f"quixstreams=={QUIX_VERSION}", "confluent-kafka==2.12.2", "orjson==3.13.0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BenchConfig:
+    """Everything one run needs to know; ``smoke`` is the tiny CI variant."""
+
+    transactions: int = 500_000
+    accounts: int = 100_000
+    partitions: int = 4
+    rates_fraction: tuple[float, ...] = (0.25, 0.5, 0.8)
+    sustain_s: float = 60.0
+    smoke: bool = False
+    quix: bool = True
+    out: Path = Path("bench-results/bench.json")
+    postgres_admin_url: str = "postgresql://127.0.0.1:5432/postgres"
+    quix_venv: Path = Path(".venv-bench-quix")
+    seed: int = 7
+    marker_interval_s: float = 0.2
+    #: Faust group membership for every worker the bench starts (tansu holds the first
+    #: JoinGroup for half the session timeout; that wait is outside every measured rate).
+    session_timeout: str = "6s"
+
+    @property
+    def work_dir(self) -> Path:
+        """Logs and local state of this run, beside the JSON output."""
+        return self.out.parent / "bench-work"
+
+    @property
+    def grace_ms(self) -> int:
+        """Peers' allowed lateness: twice the data's disorder."""
+        return 2 * DISORDER_MS
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    values = tuple(float(part) for part in text.split(",") if part.strip())
+    if not values or any(not 0 < v <= 2 for v in values):
+        raise argparse.ArgumentTypeError("comma-separated fractions in (0, 2], e.g. 0.25,0.5,0.8")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``finflow bench`` options."""
+    parser.add_argument("--transactions", type=int, default=None, help="pre-produced (500000)")
+    parser.add_argument("--accounts", type=int, default=None, help="distinct accounts (100000)")
+    parser.add_argument("--partitions", type=int, default=4, help="partitions of transactions")
+    parser.add_argument(
+        "--rates-fraction",
+        type=_fractions,
+        default=None,
+        help="sustained rates as fractions of the measured capacity (0.25,0.5,0.8)",
+    )
+    parser.add_argument("--sustain-seconds", type=float, default=None, help="per rate (60)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny fast run for CI (20k records, 5 s, no Quix)"
+    )
+    parser.add_argument("--no-quix", action="store_true", help="skip the Quix Streams peer")
+    parser.add_argument("--out", type=Path, default=Path("bench-results/bench.json"))
+    parser.add_argument(
+        "--postgres",
+        default="postgresql://127.0.0.1:5432/postgres",
+        help="admin DSN; the bench creates and drops its own database there",
+    )
+    parser.add_argument(
+        "--quix-venv", type=Path, default=None, help="venv for Quix Streams (.venv-bench-quix)"
+    )
+
+
+def from_args(args: argparse.Namespace, project_root: Path) -> BenchConfig:
+    """Explicit options win; ``--smoke`` only changes the defaults."""
+    smoke = bool(args.smoke)
+    defaults = (20_000, 2_000, 5.0) if smoke else (500_000, 100_000, 60.0)
+    return BenchConfig(
+        transactions=args.transactions or defaults[0],
+        accounts=args.accounts or defaults[1],
+        partitions=args.partitions,
+        rates_fraction=args.rates_fraction or (0.25, 0.5, 0.8),
+        sustain_s=args.sustain_seconds or defaults[2],
+        smoke=smoke,
+        quix=not (smoke or args.no_quix),
+        out=args.out,
+        postgres_admin_url=args.postgres,
+        quix_venv=args.quix_venv or project_root / ".venv-bench-quix",
+    )

@@ -1,0 +1,123 @@
+"""The textbook Faust and Quix Streams contenders, each as its own worker process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import orjson
+
+from finflow.bench.config import QUIX_PINS, QUIX_VERSION, BenchConfig
+from finflow.bench.procs import BenchError, spawn, stop, tail, wait_file
+from finflow.bench.workload import free_port
+
+#: Generous bound on a contender's run (the textbook agent does ~2-3k msg/s here).
+RUN_TIMEOUT_S = 900.0
+
+
+def _rate(done: dict[str, float], expected: int) -> dict[str, float]:
+    seconds = done["last"] - done["first"]
+    if done["applied"] < expected or seconds <= 0:
+        raise BenchError(f"applied {done['applied']:.0f} of {expected} records")
+    # The first event starts the clock, so it is not counted in the rate.
+    return {"records": float(expected), "seconds": seconds, "msg_per_s": (expected - 1) / seconds}
+
+
+async def textbook(
+    conf: BenchConfig, bootstrap: str, expected: int, work: Path
+) -> dict[str, float]:
+    """Run ``finflow.bench.textbook_app`` until it has applied ``expected`` events."""
+    done_file = work / "textbook-done.json"
+    done_file.unlink(missing_ok=True)
+    log = work / "textbook.log"
+    env = {
+        **os.environ,
+        "BENCH_BROKER": f"kafka://{bootstrap}",
+        "BENCH_EXPECTED": str(expected),
+        "BENCH_DONE_FILE": str(done_file),
+        "BENCH_DATA_DIR": str(work / "textbook-data"),
+        "BENCH_PARTITIONS": str(conf.partitions),
+        "BENCH_APP_ID": f"bench-textbook-{uuid.uuid4().hex[:6]}",
+        "BENCH_WEB_PORT": str(free_port()),
+        "BENCH_SESSION_TIMEOUT_S": conf.session_timeout.removesuffix("s"),
+    }
+    proc = spawn([sys.executable, "-m", "finflow.bench.textbook_app"], env, log)
+    try:
+        done = await wait_file(done_file, proc, RUN_TIMEOUT_S, log)
+    finally:
+        stop(proc)
+    return _rate(done, expected)
+
+
+_VERSIONS = (
+    "import json, confluent_kafka, quixstreams; print(json.dumps("
+    "{'quixstreams': quixstreams.__version__, 'confluent-kafka': confluent_kafka.version()[0]}))"
+)
+
+
+def quix_versions(python: Path) -> dict[str, str] | None:
+    """Versions of the peer in its venv, or None when it is not (fully) installed."""
+    if not python.exists():
+        return None
+    done = subprocess.run(  # noqa: S603 - the venv's own python, fixed code
+        [str(python), "-c", _VERSIONS], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        return None
+    versions: dict[str, str] = orjson.loads(done.stdout)
+    return versions
+
+
+def ensure_quix_venv(venv: Path, log: Path) -> tuple[Path, dict[str, str]]:
+    """The venv's python and the peer's versions; creates the venv and installs on first use."""
+    python = venv / "bin" / "python"
+    versions = quix_versions(python)
+    if versions is not None and versions["quixstreams"] == QUIX_VERSION:
+        return python, versions
+    steps = [
+        [sys.executable, "-m", "venv", str(venv)],
+        [str(python), "-m", "pip", "install", "--quiet", *QUIX_PINS],
+    ]
+    with log.open("ab") as out:
+        for step in steps:
+            done = subprocess.run(step, stdout=out, stderr=subprocess.STDOUT, check=False)  # noqa: S603
+            if done.returncode != 0:
+                raise BenchError(
+                    f"{' '.join(step)} failed with code {done.returncode}: {tail(log, 800)}"
+                )
+    versions = quix_versions(python)
+    if versions is None:
+        raise BenchError(f"Quix Streams does not import in {venv}: {tail(log, 800)}")
+    return python, versions
+
+
+async def quix(
+    conf: BenchConfig, python: Path, bootstrap: str, expected: int, work: Path
+) -> dict[str, float]:
+    """Quix Streams with the same tumbling count+sum, in its own venv and process."""
+    log = work / "quix.log"
+    out = work / "quix-done.json"
+    out.unlink(missing_ok=True)
+    script = Path(__file__).with_name("quix_app.py")
+    argv = [
+        str(python),
+        str(script),
+        bootstrap,
+        str(expected),
+        str(work / "quix-data"),
+        f"bench-quix-{uuid.uuid4().hex[:6]}",
+        str(conf.grace_ms),
+        str(int(float(conf.session_timeout.removesuffix("s")) * 1000)),
+        str(out),
+    ]
+    proc = spawn(argv, {**os.environ, "PYTHONPATH": ""}, log)
+    try:
+        done = await wait_file(out, proc, RUN_TIMEOUT_S, log)
+    finally:
+        stop(proc)
+    result = _rate(done, expected)
+    result["final_checkpoint_s"] = done["stopped"] - done["last"]
+    return result

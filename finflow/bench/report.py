@@ -1,0 +1,119 @@
+"""The bench's results: ratios, the RSS trend, the printed table and the JSON file."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+RAW = "raw_aiokafka"
+TEXTBOOK = "textbook_faust"
+LABELS = {
+    RAW: "raw aiokafka + orjson",
+    TEXTBOOK: "textbook Faust (windowed table)",
+    "quix_streams": "Quix Streams 3.28.1",
+    "finflow_sink_off": "FinFlow, storage off",
+    "finflow_sink_on": "FinFlow, storage on",
+}
+
+
+def ratios(contenders: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each measured contender's msg/s over the raw and the textbook baselines'."""
+    raw = contenders[RAW]["msg_per_s"]
+    textbook = contenders[TEXTBOOK]["msg_per_s"]
+    return {
+        name: {"vs_raw": c["msg_per_s"] / raw, "vs_textbook": c["msg_per_s"] / textbook}
+        for name, c in contenders.items()
+        if "msg_per_s" in c
+    }
+
+
+def trend(points: Sequence[tuple[float, float]]) -> dict[str, float]:
+    """Start, end, max and the least-squares slope per minute of (seconds, MB) samples."""
+    if not points:
+        return {}
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_v = sum(v for _, v in points) / n
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    slope = sum((t - mean_t) * (v - mean_v) for t, v in points) / var if var else 0.0
+    return {
+        "start_mb": points[0][1],
+        "end_mb": points[-1][1],
+        "max_mb": max(v for _, v in points),
+        "slope_mb_per_min": slope * 60,
+        "samples": float(n),
+        "seconds": points[-1][0] - points[0][0],
+    }
+
+
+def _ms(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value * 1000:.0f}"
+
+
+def _latency(lat: Mapping[str, Any] | None) -> str:
+    if not lat:
+        return ""
+    return "/".join(_ms(lat[k]) for k in ("p50", "p95", "p99"))
+
+
+def table(results: Mapping[str, Any]) -> str:
+    """One table: contender, msg/s, vs raw, vs textbook, latency percentiles (ms)."""
+    head = ("contender", "msg/s", "vs raw", "vs textbook", "apply p50/95/99 ms", "readable ms")
+    rows = [head]
+    cons, rat = results["contenders"], results["ratios"]
+    for name, c in cons.items():
+        if "msg_per_s" in c:
+            r = rat[name]
+            rows.append(
+                (
+                    LABELS[name],
+                    f"{c['msg_per_s']:,.0f}",
+                    f"{r['vs_raw']:.4f}",
+                    f"{r['vs_textbook']:.2f}",
+                    "",
+                    "",
+                )
+            )
+        else:
+            rows.append((LABELS[name], "n/a", "", "", "", str(c.get("error", ""))[:60]))
+    for ph in results["sustained"]:
+        rows.append(
+            (
+                f"FinFlow sustained {ph['fraction']:.0%} ({ph['target_msg_per_s']:,.0f}/s)",
+                f"{ph['msg_per_s']:,.0f}",
+                f"{ph['vs_raw']:.4f}",
+                f"{ph['vs_textbook']:.2f}",
+                _latency(ph["apply_latency_s"]),
+                _latency(ph["readable_latency_s"]),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def summary(results: Mapping[str, Any]) -> str:
+    """Memory, recovery and machine load under the table."""
+    rss, rec, machine = results["rss"], results["recovery"], results["machine"]
+    lines = [
+        f"worker RSS over the sustained phases: {rss['start_mb']:.0f} -> {rss['end_mb']:.0f} MB"
+        f" (max {rss['max_mb']:.0f}, {rss['slope_mb_per_min']:+.1f} MB/min)",
+        f"recovery after kill -9: /readyz 200 after {rec['start_to_ready_s']:.1f} s, of which"
+        f" {rec['changelog_read_s']:.1f} s reading {rec['changelog_records']:,} changelog records"
+        f" ({rec['changelog_records_per_s']:,.0f}/s)",
+        f"load average (1 min) at start {machine['loadavg_1m_start']:.2f}, at end"
+        f" {machine['loadavg_1m_end']:.2f} on {machine['cpus']} CPUs",
+    ]
+    if machine["loadavg_1m_start"] > 1.0:
+        lines.append("note: the machine was busy before the bench started; rates are low")
+    return "\n".join(lines)
+
+
+def write(path: Path, results: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))

@@ -1,0 +1,256 @@
+"""One benchmark run, contender after contender, each on a fresh broker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+import shutil
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+
+from finflow.bench import peers, raw, report, sustain
+from finflow.bench.config import DISORDER_MS, EVENT_SPAN_S, BenchConfig
+from finflow.bench.pipeline import (
+    Worker,
+    changelog_records,
+    fresh_database,
+    rebuild_seconds,
+    throughput,
+)
+from finflow.bench.procs import BenchError
+from finflow.bench.workload import Stream, fresh_broker, make_stream, preproduce
+
+READY_TIMEOUT_S = 300.0
+METHODS = {
+    "broker": "a fresh in-memory tansu per contender; the stream is pre-produced before it starts",
+    "raw_aiokafka": "assigned partitions (no group), getmany + orjson.loads of every value; "
+    "clock from the first fetch to the last record",
+    "textbook_faust": "own worker process; clock from the first applied event to the last "
+    "(the agent times itself and writes a completion file), so start and group join are out",
+    "quix_streams": "own venv and process, grace_ms = 2x the data's disorder; clock from the "
+    "first window update to the last (final checkpoint reported apart)",
+    "finflow": "finflow worker, cache off; /metrics polled every 100 ms; rate = accepted "
+    "transactions between the first poll that saw one applied and the poll that saw all",
+    "apply_latency": "finflow_produce_to_apply_seconds bucket deltas over the phase (send time "
+    "from the finflow.sent_at header), interpolated within buckets",
+    "readable_latency": "a marker transaction for a fresh account every 200 ms; from its send "
+    "until GET /accounts/{id}/aggregates?window=1m answers count 1 (polled every 20 ms, "
+    "backing off to 5 % of the wait, at most 200 ms)",
+    "consumer_lag": "sum of finflow_consumer_lag, sampled every second (the worker refreshes "
+    "it every 5 s)",
+    "rss": "VmRSS of the worker process every second over the sustained phases",
+    "recovery": "kill -9 of the storage-off worker after its stream, restart with nothing "
+    "deleted; start to /readyz 200, and Faust's changelog read time from its log",
+}
+
+
+class Run:
+    """The state of one run: configuration, stream, results so far."""
+
+    def __init__(self, conf: BenchConfig, stream: Stream, t0: float) -> None:
+        self.conf = conf
+        self.work = conf.work_dir
+        self.t0 = t0
+        self.stream = stream
+        self.contenders: dict[str, dict[str, Any]] = {}
+        self.extra: dict[str, Any] = {}
+        self.load_start = os.getloadavg()[0]
+        self.quix_python = conf.quix_venv / "bin" / "python"
+        self.quix_versions: dict[str, str] = {}
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", flush=True)
+
+    async def run(self) -> dict[str, Any]:
+        await self.contender("raw_aiokafka", self._raw)
+        await self.contender("textbook_faust", self._textbook)
+        if not self.conf.quix:
+            self.contenders["quix_streams"] = {"error": "skipped (--smoke or --no-quix)"}
+        else:
+            try:
+                self.say(f"quix_streams: checking {self.conf.quix_venv} (installs on first use)")
+                python, versions = peers.ensure_quix_venv(
+                    self.conf.quix_venv, self.work / "quix-install.log"
+                )
+            except BenchError as exc:
+                self.contenders["quix_streams"] = {"error": f"not installed: {exc}"}
+            else:
+                self.quix_python, self.quix_versions = python, versions
+                await self.contender("quix_streams", self._quix, required=False)
+        await self.contender("finflow_sink_off", self._finflow_off)
+        await self.contender("finflow_sink_on", self._finflow_on)
+        return self.results()
+
+    async def contender(self, name: str, body: Any, *, required: bool = True) -> None:
+        """Fresh broker, the stream pre-produced, then ``body(bootstrap)``."""
+        self.say(f"{name}: fresh broker, producing {self.stream.count} records")
+        try:
+            with fresh_broker(self.work / f"tansu-{name}.log") as bootstrap:
+                produce_s = await preproduce(bootstrap, self.stream, self.conf.partitions)
+                result = await body(bootstrap)
+        except Exception as exc:
+            if required:
+                raise BenchError(f"{name}: {exc!r}") from exc
+            self.contenders[name] = {"error": str(exc) or repr(exc)}
+            self.say(f"{name}: not measured: {str(exc)[:300]}")
+            return
+        result["produce_seconds"] = produce_s
+        self.contenders[name] = result
+        self.say(f"{name}: {result['msg_per_s']:,.0f} msg/s")
+
+    async def _raw(self, bootstrap: str) -> dict[str, Any]:
+        return await raw.consume_all(bootstrap, self.conf.partitions, self.stream.count)
+
+    async def _textbook(self, bootstrap: str) -> dict[str, Any]:
+        return await peers.textbook(self.conf, bootstrap, self.stream.count, self.work)
+
+    async def _quix(self, bootstrap: str) -> dict[str, Any]:
+        result: dict[str, Any] = await peers.quix(
+            self.conf, self.quix_python, bootstrap, self.stream.count, self.work
+        )
+        return result | {"versions": self.quix_versions}
+
+    def _worker(self, bootstrap: str, name: str, database: str | None) -> Worker:
+        app_id = f"bench-{name}-{uuid.uuid4().hex[:6]}"
+        return Worker(self.conf, bootstrap, self.work, name, app_id, database)
+
+    async def _finflow_off(self, bootstrap: str) -> dict[str, Any]:
+        worker = self._worker(bootstrap, "finflow-off", None)
+        async with aiohttp.ClientSession() as http:
+            try:
+                result = await self._measure(worker, http)
+                self.extra["recovery"] = await self._recovery(worker, http)
+            finally:
+                worker.stop()
+        return result
+
+    async def _measure(self, worker: Worker, http: aiohttp.ClientSession) -> dict[str, Any]:
+        worker.start()
+        try:
+            ready = await worker.wait_status(http, "/readyz", READY_TIMEOUT_S)
+            result: dict[str, Any] = await throughput(worker, http, self.stream.count)
+        except BaseException:
+            worker.stop()
+            raise
+        result |= {
+            "workers": 1,
+            "per_worker_msg_per_s": result["msg_per_s"],
+            "start_to_ready_s": ready,
+        }
+        return result
+
+    async def _finflow_on(self, bootstrap: str) -> dict[str, Any]:
+        async with fresh_database(self.conf, self.work / "migrate.log") as database:
+            worker = self._worker(bootstrap, "finflow-on", database)
+            async with aiohttp.ClientSession() as http:
+                try:
+                    result = await self._measure(worker, http)
+                    self.say(f"finflow_sink_on: {result['msg_per_s']:,.0f} msg/s; sustained phases")
+                    await self._sustained(worker, http, result["msg_per_s"])
+                finally:
+                    worker.stop()
+        return result
+
+    async def _sustained(
+        self, worker: Worker, http: aiohttp.ClientSession, capacity: float
+    ) -> None:
+        phases, rss = [], []
+        for i, fraction in enumerate(self.conf.rates_fraction):
+            rate = capacity * fraction
+            seconds = self.conf.sustain_s
+            self.say(f"sustained {fraction:.0%} of capacity: {rate:,.0f}/s for {seconds:.0f} s")
+            result, samples = await sustain.phase(
+                worker,
+                http,
+                fraction=fraction,
+                rate=rate,
+                seconds=self.conf.sustain_s,
+                accounts=self.conf.accounts,
+                seed=self.conf.seed + 100 + i,
+                marker_interval=self.conf.marker_interval_s,
+                t0=self.t0,
+            )
+            result["rss"] = report.trend(samples.rss)
+            phases.append(result)
+            rss.extend(samples.rss)
+        self.extra["sustained"] = phases
+        self.extra["rss"] = report.trend(rss)
+
+    async def _recovery(self, worker: Worker, http: aiohttp.ClientSession) -> dict[str, Any]:
+        """kill -9 after the stream, delete nothing, restart: seconds until /readyz is 200."""
+        worker.kill9()
+        records = await changelog_records(worker.bootstrap, worker.app_id)
+        self.say(f"recovery: worker killed (-9), {records} changelog records; restarting")
+        offset = worker.log.stat().st_size
+        worker.start()
+        healthz = await worker.wait_status(http, "/healthz", READY_TIMEOUT_S)
+        ready = await worker.wait_status(http, "/readyz", READY_TIMEOUT_S)
+        rebuild = rebuild_seconds(worker.log, offset)
+        self.say(f"recovery: ready after {ready:.1f} s (reading changelogs: {rebuild:.1f} s)")
+        return {
+            "worker": worker.name,
+            "changelog_records": records,
+            "start_to_healthz_s": healthz,
+            "start_to_ready_s": ready,
+            "changelog_read_s": rebuild,
+            "changelog_records_per_s": records / rebuild,
+        }
+
+    def results(self) -> dict[str, Any]:
+        ratios = report.ratios(self.contenders)
+        raw_rate = self.contenders[report.RAW]["msg_per_s"]
+        textbook_rate = self.contenders[report.TEXTBOOK]["msg_per_s"]
+        for ph in self.extra.get("sustained", []):
+            ph["vs_raw"] = ph["msg_per_s"] / raw_rate
+            ph["vs_textbook"] = ph["msg_per_s"] / textbook_rate
+        return {
+            "config": {
+                "transactions": self.stream.count,
+                "accounts": self.conf.accounts,
+                "partitions": self.conf.partitions,
+                "rates_fraction": list(self.conf.rates_fraction),
+                "sustain_seconds": self.conf.sustain_s,
+                "smoke": self.conf.smoke,
+                "event_span_s": EVENT_SPAN_S,
+                "disorder_ms": DISORDER_MS,
+                "grace_ms": self.conf.grace_ms,
+                "session_timeout": self.conf.session_timeout,
+            },
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "loadavg_1m_start": self.load_start,
+                "loadavg_1m_end": os.getloadavg()[0],
+            },
+            "methods": METHODS,
+            "contenders": self.contenders,
+            "ratios": ratios,
+            "capacity_msg_per_s": self.contenders["finflow_sink_on"]["msg_per_s"],
+            **self.extra,
+            "elapsed_s": time.monotonic() - self.t0,
+        }
+
+
+def run(conf: BenchConfig) -> dict[str, Any]:
+    """Run everything, print the table, write the JSON; raises :class:`BenchError`."""
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    shutil.rmtree(conf.work_dir, ignore_errors=True)
+    conf.work_dir.mkdir(parents=True)
+    t0 = time.monotonic()
+    stream = make_stream(conf)
+    print(f"generated {stream.count} transactions in {time.monotonic() - t0:.1f} s", flush=True)
+    try:
+        results = asyncio.run(Run(conf, stream, t0).run())
+    finally:
+        for state in conf.work_dir.glob("*-data"):  # RocksDB files; the logs stay
+            shutil.rmtree(state, ignore_errors=True)
+    report.write(conf.out, results)
+    print(report.table(results))
+    print(report.summary(results))
+    print(f"results: {conf.out}  logs: {conf.work_dir}")
+    return results

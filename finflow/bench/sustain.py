@@ -1,0 +1,186 @@
+"""Sustained load at fixed rates: latency to applied and to readable, lag, worker memory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import orjson
+from aiokafka import AIOKafkaProducer
+
+from finflow.bench import prom
+from finflow.bench.pipeline import ACCEPTED, Worker
+from finflow.bench.procs import BenchError, rss_mb
+from finflow.bench.workload import TOPIC
+from finflow.loadgen import SENT_AT_HEADER, Spec, produce
+from finflow.settings import BrokerSecurity
+
+LATENCY = "finflow_produce_to_apply_seconds"
+LAG = "finflow_consumer_lag"
+SAMPLE_S = 1.0
+MARKER_POLL_S = 0.02
+MARKER_POLL_MAX_S = 0.2
+MARKER_TIMEOUT_S = 30.0
+DRAIN_TIMEOUT_S = 120.0
+
+
+@dataclass
+class Samples:
+    """Time series of one phase (seconds since the bench's clock origin)."""
+
+    lag: list[tuple[float, float]] = field(default_factory=list)
+    rss: list[tuple[float, float]] = field(default_factory=list)
+    readable: list[float] = field(default_factory=list)
+    markers_sent: int = 0
+    markers_missing: int = 0
+
+
+async def _sample(worker: Worker, http: aiohttp.ClientSession, out: Samples, t0: float) -> None:
+    while True:
+        now = time.monotonic() - t0
+        rss = rss_mb(worker.pid)
+        if rss is not None:
+            out.rss.append((now, rss))
+        with contextlib.suppress(aiohttp.ClientError):
+            scrape = await worker.scrape(http)
+            out.lag.append((now, scrape.total(LAG)))
+        await asyncio.sleep(SAMPLE_S)
+
+
+async def _readable(http: aiohttp.ClientSession, url: str, sent: float, out: Samples) -> None:
+    """Poll the marker's window until it reads count 1; record send-to-readable seconds.
+
+    The poll interval grows with the wait (5 % of it, 20-200 ms): the answer is at most ~5 %
+    late, and a slow worker is not buried under polls of the markers piling up.
+    """
+    while (waited := time.time() - sent) < MARKER_TIMEOUT_S:
+        with contextlib.suppress(aiohttp.ClientError, ValueError):
+            async with http.get(url) as resp:
+                if resp.status == 200 and orjson.loads(await resp.read()).get("count") == 1:
+                    out.readable.append(time.time() - sent)
+                    return
+        await asyncio.sleep(min(MARKER_POLL_MAX_S, max(MARKER_POLL_S, waited * 0.05)))
+    out.markers_missing += 1
+
+
+async def _markers(
+    worker: Worker, http: aiohttp.ClientSession, phase: str, interval: float, out: Samples
+) -> None:
+    """Every ``interval``: one transaction for a fresh account, then poll until readable."""
+    producer = AIOKafkaProducer(bootstrap_servers=worker.bootstrap, linger_ms=0, acks=1)
+    await producer.start()
+    polls: set[asyncio.Task[None]] = set()
+    try:
+        for i in itertools.count():
+            account = f"bench-mark-{phase}-{i:06d}"
+            sent = time.time()
+            ms = int(sent * 1000)
+            txn = {
+                "transaction_id": f"mark-{phase}-{i}",
+                "account_id": account,
+                "amount": "1.00",
+                "currency": "USD",
+                "timestamp": ms,
+            }
+            await producer.send(
+                TOPIC,
+                orjson.dumps(txn),
+                key=account.encode(),
+                headers=[(SENT_AT_HEADER, str(ms).encode())],
+            )
+            out.markers_sent += 1
+            url = f"{worker.url}/accounts/{account}/aggregates?window=1m&at={ms}"
+            task = asyncio.ensure_future(_readable(http, url, sent, out))
+            polls.add(task)
+            task.add_done_callback(polls.discard)
+            await asyncio.sleep(interval)
+    except asyncio.CancelledError:
+        await asyncio.gather(*polls, return_exceptions=True)  # let in-flight markers finish
+        raise
+    finally:
+        await producer.stop()
+
+
+async def _drain(worker: Worker, http: aiohttp.ClientSession, want: float) -> prom.Scrape:
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while True:
+        worker.check_running()
+        scrape = await worker.scrape(http)
+        if scrape.total(ACCEPTED) >= want:
+            return scrape
+        if time.monotonic() > deadline:
+            missing = want - scrape.total(ACCEPTED)
+            raise BenchError(f"{worker.name}: {missing:.0f} records not applied in time")
+        await asyncio.sleep(0.1)
+
+
+async def phase(
+    worker: Worker,
+    http: aiohttp.ClientSession,
+    *,
+    fraction: float,
+    rate: float,
+    seconds: float,
+    accounts: int,
+    seed: int,
+    marker_interval: float,
+    t0: float,
+) -> tuple[dict[str, object], Samples]:
+    """Produce at ``rate`` for ``seconds`` with ``finflow.loadgen`` while measuring."""
+    samples = Samples()
+    before = await worker.scrape(http)
+    spec = Spec(
+        count=max(1, int(rate * seconds)),
+        accounts=accounts,
+        seed=seed,
+        start_ms=int(time.time() * 1000),
+        rate=rate,
+    )
+    label = f"{round(fraction * 100)}"
+    side = [
+        asyncio.ensure_future(_sample(worker, http, samples, t0)),
+        asyncio.ensure_future(_markers(worker, http, label, marker_interval, samples)),
+    ]
+    started = time.monotonic()
+    try:
+        counts = await produce(
+            worker.bootstrap, TOPIC, spec, realtime=True, security=BrokerSecurity()
+        )
+        produced_s = time.monotonic() - started
+    finally:
+        side[1].cancel()
+        await asyncio.gather(side[1], return_exceptions=True)
+    try:
+        want = before.total(ACCEPTED) + spec.count + samples.markers_sent
+        after = await _drain(worker, http, want)
+    finally:
+        side[0].cancel()
+        await asyncio.gather(side[0], return_exceptions=True)
+    delta = prom.bucket_delta(before.buckets(LATENCY), after.buckets(LATENCY))
+    lags = [lag for _, lag in samples.lag]
+    result: dict[str, object] = {
+        "fraction": fraction,
+        "target_msg_per_s": rate,
+        "produced": sum(counts.values()),
+        "produce_seconds": produced_s,
+        "msg_per_s": sum(counts.values()) / produced_s,
+        "apply_latency_s": {
+            **prom.histogram_percentiles(delta),
+            "observations": max(delta.values(), default=0.0),
+        },
+        "readable_latency_s": {
+            **prom.percentiles(samples.readable),
+            "samples": len(samples.readable),
+            "missing": samples.markers_missing,
+        },
+        "consumer_lag": {
+            "max": max(lags, default=0.0),
+            "mean": sum(lags) / len(lags) if lags else 0.0,
+            "series": [[round(t, 2), lag] for t, lag in samples.lag],
+        },
+    }
+    return result, samples
