@@ -35,6 +35,7 @@ app = faust.App(
     consumer_auto_offset_reset="earliest",
     web_port=int(os.environ.get("BENCH_WEB_PORT", "6066")),  # Faust's worker serves it anyway
     web_bind="127.0.0.1",
+    producer_linger=float(os.environ.get("BENCH_PRODUCER_LINGER_S", "0")),
 )
 
 
