@@ -124,13 +124,8 @@ class DatabaseSink(Service):
                 (account_id, window, start, end, HISTORY_LIMIT + 1),
             )
             items = await cur.fetchall()
-            if not items:
-                await cur.execute(
-                    "SELECT 1 FROM finflow.window_snapshots WHERE account_id = %s LIMIT 1",
-                    (account_id,),
-                )
-                if await cur.fetchone() is None:
-                    return None
+            if not items and not await _known(cur, account_id):
+                return None
         return items
 
     async def alerts(self, account_id: str, limit: int) -> list[dict[str, Any]] | None:
@@ -143,11 +138,14 @@ class DatabaseSink(Service):
                 (account_id, limit),
             )
             items = await cur.fetchall()
-            if not items:
-                await cur.execute(
-                    "SELECT 1 FROM finflow.window_snapshots WHERE account_id = %s LIMIT 1",
-                    (account_id,),
-                )
-                if await cur.fetchone() is None:
-                    return None
+            if not items and not await _known(cur, account_id):
+                return None
         return items
+
+
+async def _known(cur: psycopg.AsyncCursor[Any], account_id: str) -> bool:
+    """True when the database holds any window of the account."""
+    await cur.execute(
+        "SELECT 1 FROM finflow.window_snapshots WHERE account_id = %s LIMIT 1", (account_id,)
+    )
+    return await cur.fetchone() is not None

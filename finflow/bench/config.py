@@ -24,6 +24,9 @@ class BenchConfig:
     partitions: int = 4
     rates_fraction: tuple[float, ...] = (0.25, 0.5, 0.8)
     sustain_s: float = 60.0
+    #: Each throughput contender is timed until it has applied the whole stream or for this
+    #: long after its first record, whichever comes first (keeps a full run under 15 min).
+    measure_s: float = 120.0
     smoke: bool = False
     quix: bool = True
     out: Path = Path("bench-results/bench.json")
@@ -66,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--sustain-seconds", type=float, default=None, help="per rate (60)")
     parser.add_argument(
+        "--measure-seconds",
+        type=float,
+        default=120.0,
+        help="time each throughput contender until the stream is applied or this long (120)",
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="tiny fast run for CI (20k records, 5 s, no Quix)"
     )
     parser.add_argument("--no-quix", action="store_true", help="skip the Quix Streams peer")
@@ -90,6 +99,7 @@ def from_args(args: argparse.Namespace, project_root: Path) -> BenchConfig:
         partitions=args.partitions,
         rates_fraction=args.rates_fraction or (0.25, 0.5, 0.8),
         sustain_s=args.sustain_seconds or defaults[2],
+        measure_s=args.measure_seconds,
         smoke=smoke,
         quix=not (smoke or args.no_quix),
         out=args.out,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -18,18 +19,22 @@ from finflow.bench.workload import free_port
 RUN_TIMEOUT_S = 900.0
 
 
-def _rate(done: dict[str, float], expected: int) -> dict[str, float]:
+def _rate(done: dict[str, float], expected: int) -> dict[str, Any]:
+    """msg/s between the first and the last applied event (the first starts the clock)."""
     seconds = done["last"] - done["first"]
-    if done["applied"] < expected or seconds <= 0:
-        raise BenchError(f"applied {done['applied']:.0f} of {expected} records")
-    # The first event starts the clock, so it is not counted in the rate.
-    return {"records": float(expected), "seconds": seconds, "msg_per_s": (expected - 1) / seconds}
+    if done["applied"] < 2 or seconds <= 0:
+        raise BenchError(f"applied only {done['applied']:.0f} of {expected} records")
+    return {
+        "records": done["applied"],
+        "complete": done["applied"] >= expected,
+        "seconds": seconds,
+        "msg_per_s": (done["applied"] - 1) / seconds,
+    }
 
 
-async def textbook(
-    conf: BenchConfig, bootstrap: str, expected: int, work: Path
-) -> dict[str, float]:
-    """Run ``finflow.bench.textbook_app`` until it has applied ``expected`` events."""
+async def textbook(conf: BenchConfig, bootstrap: str, expected: int, work: Path) -> dict[str, Any]:
+    """Run ``finflow.bench.textbook_app`` until it has applied ``expected`` events (or the
+    measuring time is up)."""
     done_file = work / "textbook-done.json"
     done_file.unlink(missing_ok=True)
     log = work / "textbook.log"
@@ -43,6 +48,7 @@ async def textbook(
         "BENCH_APP_ID": f"bench-textbook-{uuid.uuid4().hex[:6]}",
         "BENCH_WEB_PORT": str(free_port()),
         "BENCH_SESSION_TIMEOUT_S": conf.session_timeout.removesuffix("s"),
+        "BENCH_MAX_SECONDS": str(conf.measure_s),
     }
     proc = spawn([sys.executable, "-m", "finflow.bench.textbook_app"], env, log)
     try:
@@ -96,7 +102,7 @@ def ensure_quix_venv(venv: Path, log: Path) -> tuple[Path, dict[str, str]]:
 
 async def quix(
     conf: BenchConfig, python: Path, bootstrap: str, expected: int, work: Path
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Quix Streams with the same tumbling count+sum, in its own venv and process."""
     log = work / "quix.log"
     out = work / "quix-done.json"
@@ -111,6 +117,7 @@ async def quix(
         f"bench-quix-{uuid.uuid4().hex[:6]}",
         str(conf.grace_ms),
         str(int(float(conf.session_timeout.removesuffix("s")) * 1000)),
+        str(conf.measure_s),
         str(out),
     ]
     proc = spawn(argv, {**os.environ, "PYTHONPATH": ""}, log)

@@ -40,6 +40,7 @@ async def consume_all(bootstrap: str, partitions: int, expected: int) -> dict[st
         raise RuntimeError(f"raw consumer read {seen} of {expected} records")
     return {
         "records": float(seen),
+        "complete": True,
         "seconds": elapsed,
         "msg_per_s": seen / elapsed,
         "fields_decoded": float(decoded),

@@ -61,29 +61,40 @@ def _latency(lat: Mapping[str, Any] | None) -> str:
 
 
 def table(results: Mapping[str, Any]) -> str:
-    """One table: contender, msg/s, vs raw, vs textbook, latency percentiles (ms)."""
-    head = ("contender", "msg/s", "vs raw", "vs textbook", "apply p50/95/99 ms", "readable ms")
+    """One table: contender, records timed, msg/s, vs raw, vs textbook, latency percentiles."""
+    head = (
+        "contender",
+        "records",
+        "msg/s",
+        "vs raw",
+        "vs textbook",
+        "apply p50/95/99 ms",
+        "readable p50/95/99 ms",
+    )
     rows = [head]
     cons, rat = results["contenders"], results["ratios"]
     for name, c in cons.items():
-        if "msg_per_s" in c:
-            r = rat[name]
-            rows.append(
-                (
-                    LABELS[name],
-                    f"{c['msg_per_s']:,.0f}",
-                    f"{r['vs_raw']:.4f}",
-                    f"{r['vs_textbook']:.2f}",
-                    "",
-                    "",
-                )
+        if "msg_per_s" not in c:
+            rows.append((LABELS[name], "", "n/a", "", "", str(c.get("error", ""))[:70], ""))
+            continue
+        records = f"{c['records']:,.0f}" + ("" if c.get("complete", True) else " (timed)")
+        r = rat[name]
+        rows.append(
+            (
+                LABELS[name],
+                records,
+                f"{c['msg_per_s']:,.0f}",
+                f"{r['vs_raw']:.4f}",
+                f"{r['vs_textbook']:.2f}",
+                "",
+                "",
             )
-        else:
-            rows.append((LABELS[name], "n/a", "", "", "", str(c.get("error", ""))[:60]))
+        )
     for ph in results["sustained"]:
         rows.append(
             (
                 f"FinFlow sustained {ph['fraction']:.0%} ({ph['target_msg_per_s']:,.0f}/s)",
+                f"{ph['produced']:,.0f}",
                 f"{ph['msg_per_s']:,.0f}",
                 f"{ph['vs_raw']:.4f}",
                 f"{ph['vs_textbook']:.2f}",

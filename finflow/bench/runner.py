@@ -23,7 +23,7 @@ from finflow.bench.pipeline import (
     throughput,
 )
 from finflow.bench.procs import BenchError
-from finflow.bench.workload import Stream, fresh_broker, make_stream, preproduce
+from finflow.bench.workload import Stream, create_topic, fresh_broker, make_stream, preproduce
 
 READY_TIMEOUT_S = 300.0
 METHODS = {
@@ -36,6 +36,10 @@ METHODS = {
     "first window update to the last (final checkpoint reported apart)",
     "finflow": "finflow worker, cache off; /metrics polled every 100 ms; rate = accepted "
     "transactions between the first poll that saw one applied and the poll that saw all",
+    "measure_seconds": "every throughput contender is timed until it applied the whole stream "
+    "or for measure_seconds after its first record ('complete' says which)",
+    "sustained": "loadgen at fractions of FinFlow's storage-on rate, on a fresh broker, "
+    "database and worker (storage on, cache off)",
     "apply_latency": "finflow_produce_to_apply_seconds bucket deltas over the phase (send time "
     "from the finflow.sent_at header), interpolated within buckets",
     "readable_latency": "a marker transaction for a fresh account every 200 ms; from its send "
@@ -84,6 +88,7 @@ class Run:
                 await self.contender("quix_streams", self._quix, required=False)
         await self.contender("finflow_sink_off", self._finflow_off)
         await self.contender("finflow_sink_on", self._finflow_on)
+        await self.sustained(self.contenders["finflow_sink_on"]["msg_per_s"])
         return self.results()
 
     async def contender(self, name: str, body: Any, *, required: bool = True) -> None:
@@ -133,7 +138,7 @@ class Run:
         worker.start()
         try:
             ready = await worker.wait_status(http, "/readyz", READY_TIMEOUT_S)
-            result: dict[str, Any] = await throughput(worker, http, self.stream.count)
+            result = await throughput(worker, http, self.stream.count, self.conf.measure_s)
         except BaseException:
             worker.stop()
             raise
@@ -149,16 +154,27 @@ class Run:
             worker = self._worker(bootstrap, "finflow-on", database)
             async with aiohttp.ClientSession() as http:
                 try:
-                    result = await self._measure(worker, http)
-                    self.say(f"finflow_sink_on: {result['msg_per_s']:,.0f} msg/s; sustained phases")
-                    await self._sustained(worker, http, result["msg_per_s"])
+                    return await self._measure(worker, http)
                 finally:
                     worker.stop()
-        return result
 
-    async def _sustained(
-        self, worker: Worker, http: aiohttp.ClientSession, capacity: float
-    ) -> None:
+    async def sustained(self, capacity: float) -> None:
+        """Fixed fractions of ``capacity`` on a fresh broker, database and worker (storage on):
+        no backlog of the throughput run left behind, no memory of it in the broker."""
+        self.say("sustained: fresh broker, database and worker (storage on)")
+        with fresh_broker(self.work / "tansu-sustained.log") as bootstrap:
+            await create_topic(bootstrap, self.conf.partitions)
+            async with fresh_database(self.conf, self.work / "migrate.log") as database:
+                worker = self._worker(bootstrap, "finflow-sustained", database)
+                async with aiohttp.ClientSession() as http:
+                    worker.start()
+                    try:
+                        await worker.wait_status(http, "/readyz", READY_TIMEOUT_S)
+                        await self._phases(worker, http, capacity)
+                    finally:
+                        worker.stop()
+
+    async def _phases(self, worker: Worker, http: aiohttp.ClientSession, capacity: float) -> None:
         phases, rss = [], []
         for i, fraction in enumerate(self.conf.rates_fraction):
             rate = capacity * fraction
@@ -169,7 +185,7 @@ class Run:
                 http,
                 fraction=fraction,
                 rate=rate,
-                seconds=self.conf.sustain_s,
+                seconds=seconds,
                 accounts=self.conf.accounts,
                 seed=self.conf.seed + 100 + i,
                 marker_interval=self.conf.marker_interval_s,
@@ -220,6 +236,7 @@ class Run:
                 "disorder_ms": DISORDER_MS,
                 "grace_ms": self.conf.grace_ms,
                 "session_timeout": self.conf.session_timeout,
+                "measure_seconds": self.conf.measure_s,
             },
             "machine": {
                 "cpus": os.cpu_count(),

@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaProducer
 
 from finflow.bench import prom
 from finflow.bench.pipeline import ACCEPTED, Worker
-from finflow.bench.procs import BenchError, rss_mb
+from finflow.bench.procs import rss_mb
 from finflow.bench.workload import TOPIC
 from finflow.loadgen import SENT_AT_HEADER, Spec, produce
 from finflow.settings import BrokerSecurity
@@ -25,7 +25,7 @@ SAMPLE_S = 1.0
 MARKER_POLL_S = 0.02
 MARKER_POLL_MAX_S = 0.2
 MARKER_TIMEOUT_S = 30.0
-DRAIN_TIMEOUT_S = 120.0
+DRAIN_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -106,15 +106,14 @@ async def _markers(
 
 
 async def _drain(worker: Worker, http: aiohttp.ClientSession, want: float) -> prom.Scrape:
+    """The first scrape with ``want`` transactions applied, or the last one before the
+    drain timeout (a worker that cannot keep up leaves records behind; they are reported)."""
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     while True:
         worker.check_running()
         scrape = await worker.scrape(http)
-        if scrape.total(ACCEPTED) >= want:
+        if scrape.total(ACCEPTED) >= want or time.monotonic() > deadline:
             return scrape
-        if time.monotonic() > deadline:
-            missing = want - scrape.total(ACCEPTED)
-            raise BenchError(f"{worker.name}: {missing:.0f} records not applied in time")
         await asyncio.sleep(0.1)
 
 
@@ -177,6 +176,7 @@ async def phase(
             "samples": len(samples.readable),
             "missing": samples.markers_missing,
         },
+        "unapplied_after_drain": max(0.0, want - after.total(ACCEPTED)),
         "consumer_lag": {
             "max": max(lags, default=0.0),
             "mean": sum(lags) / len(lags) if lags else 0.0,
