@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=run_demo)
     bench = sub.add_parser("bench", help="throughput and latency against baselines, one run")
     bench_options(bench)
+    bench.add_argument("--sink", action="store_true", help="benchmark the database sink alone")
+    bench.add_argument("--sink-rows", type=int, default=100_000)
     bench.set_defaults(run=run_bench)
     return parser
 
@@ -78,9 +80,23 @@ def bench_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.sink:
+        return run_sink_bench(args)
     from finflow.bench import run_bench
 
     return run_bench(args)
+
+
+def run_sink_bench(args: argparse.Namespace) -> int:
+    """The sink alone: COPY + upsert against executemany, rows/s and ratios as JSON."""
+    import json
+
+    from finflow.bench.sink import bench_sink
+    from finflow.settings import from_env
+
+    result = asyncio.run(bench_sink(from_env(), rows=args.sink_rows))
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 def run_migrate(args: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ class BenchConfig:
     sustain_s: float = 60.0
     #: Each throughput contender is timed until it has applied the whole stream or for this
     #: long after its first record, whichever comes first (keeps a full run under 15 min).
-    measure_s: float = 120.0
+    measure_s: float = 90.0
     smoke: bool = False
     quix: bool = True
     out: Path = Path("bench-results/bench.json")
@@ -71,11 +71,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--measure-seconds",
         type=float,
-        default=120.0,
-        help="time each throughput contender until the stream is applied or this long (120)",
+        default=None,
+        help="time each throughput contender until the stream is applied or this long "
+        "(90; --smoke: 5)",
     )
     parser.add_argument(
-        "--smoke", action="store_true", help="tiny fast run for CI (20k records, 5 s, no Quix)"
+        "--smoke",
+        action="store_true",
+        help="tiny fast run for CI (20k records, 5 s phases and timing, no Quix)",
     )
     parser.add_argument("--no-quix", action="store_true", help="skip the Quix Streams peer")
     parser.add_argument("--out", type=Path, default=Path("bench-results/bench.json"))
@@ -92,14 +95,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def from_args(args: argparse.Namespace, project_root: Path) -> BenchConfig:
     """Explicit options win; ``--smoke`` only changes the defaults."""
     smoke = bool(args.smoke)
-    defaults = (20_000, 2_000, 5.0) if smoke else (500_000, 100_000, 60.0)
+    defaults = (20_000, 2_000, 5.0, 5.0) if smoke else (500_000, 100_000, 60.0, 90.0)
     return BenchConfig(
         transactions=args.transactions or defaults[0],
         accounts=args.accounts or defaults[1],
         partitions=args.partitions,
         rates_fraction=args.rates_fraction or (0.25, 0.5, 0.8),
         sustain_s=args.sustain_seconds or defaults[2],
-        measure_s=args.measure_seconds,
+        measure_s=args.measure_seconds or defaults[3],
         smoke=smoke,
         quix=not (smoke or args.no_quix),
         out=args.out,

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from finflow.bench.config import QUIX_PINS, QUIX_VERSION, BenchConfig
-from finflow.bench.procs import BenchError, spawn, stop, tail, wait_file
+from finflow.bench.procs import BenchError, kill9, spawn, tail, wait_file
 from finflow.bench.workload import free_port
 
 #: Generous bound on a contender's run (the textbook agent does ~2-3k msg/s here).
@@ -54,13 +54,13 @@ async def textbook(conf: BenchConfig, bootstrap: str, expected: int, work: Path)
     try:
         done = await wait_file(done_file, proc, RUN_TIMEOUT_S, log)
     finally:
-        stop(proc)
+        kill9(proc)  # nothing of a contender is kept: no shutdown time
     return _rate(done, expected)
 
 
 _VERSIONS = (
     "import json, confluent_kafka, quixstreams; print(json.dumps("
-    "{'quixstreams': quixstreams.__version__, 'confluent-kafka': confluent_kafka.version()[0]}))"
+    "{'quixstreams': quixstreams.__version__, 'confluent-kafka': confluent_kafka.__version__}))"
 )
 
 
@@ -124,7 +124,7 @@ async def quix(
     try:
         done = await wait_file(out, proc, RUN_TIMEOUT_S, log)
     finally:
-        stop(proc)
+        kill9(proc)  # nothing of a contender is kept: no shutdown time
     result = _rate(done, expected)
     result["final_checkpoint_s"] = done["stopped"] - done["last"]
     return result

@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from finflow import tansu
 from finflow.bench import prom
 from finflow.bench.config import BenchConfig
-from finflow.bench.procs import BenchError, kill9, spawn, stop, tail
+from finflow.bench.procs import BenchError, kill9, spawn, tail
 from finflow.bench.workload import free_port
 
 FINFLOW = str(Path(sys.executable).with_name("finflow"))
@@ -90,8 +90,9 @@ class Worker:
             kill9(self.proc)
 
     def stop(self) -> None:
-        if self.proc is not None:
-            stop(self.proc)
+        """Discard the worker (kill -9): the bench keeps none of its state, so it gets no
+        shutdown time."""
+        self.kill9()
 
     def check_running(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

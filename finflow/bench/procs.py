@@ -1,4 +1,4 @@
-"""Child processes of the benchmark: start in their own session, wait, stop, sample RSS."""
+"""Child processes of the benchmark: start in their own session, wait, kill, sample RSS."""
 
 from __future__ import annotations
 
@@ -36,17 +36,6 @@ def kill9(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-
-
-def stop(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
-    """SIGTERM the process group, SIGKILL after ``grace_s``."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        kill9(proc)
 
 
 def tail(log: Path, chars: int = 2000) -> str:
