@@ -60,8 +60,25 @@ def _web_port(preferred: int) -> int:
         return int(sock.getsockname()[1])
 
 
+def _storage_env() -> dict[str, str]:
+    """Migrate the database when it answers; otherwise run without storage (and say so)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "finflow.cli", "migrate"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode == 0:
+        print("database ready (finflow migrate)", flush=True)
+        return {}
+    print(f"no database ({done.stderr.strip()}): running without storage", flush=True)
+    return {"FINFLOW_SINK_ENABLED": "false"}
+
+
 def _start_worker(port: int, web_port: int) -> subprocess.Popen[bytes]:
     env = {
+        **_storage_env(),
         **os.environ,
         "FINFLOW_BROKER_URL": f"kafka://127.0.0.1:{port}",
         "FINFLOW_WEB_PORT": str(web_port),
