@@ -95,16 +95,6 @@ if settings.sink_enabled:
 EXACTLY_ONCE = settings.processing_guarantee == "exactly_once"
 
 
-@app.on_partitions_revoked.connect  # type: ignore[arg-type]
-async def _on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
-    processor.forget()
-
-
-@app.on_partitions_assigned.connect  # type: ignore[arg-type]
-async def _on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
-    processor.forget()
-
-
 @app.task
 async def ingest() -> None:
     """The ingest loop: batches of raw records in, each acked only after it is stored.

@@ -9,7 +9,6 @@ rebalance) are recognised by their offset and skipped.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -111,7 +110,6 @@ class IngestProcessor:
         source_topics: Sequence[str],
         partitions: int,
         rows: bool = True,
-        cache_size: int = 20_000,
     ) -> None:
         self.table = table
         self.conf = conf
@@ -119,11 +117,6 @@ class IngestProcessor:
         self.sources = {name: index for index, name in enumerate(source_topics)}
         self.partitions = partitions
         self.rows = rows
-        # Decoded values of recently touched accounts: decoding dominates the per-record cost
-        # otherwise. Exact because every write to the table goes through this processor;
-        # cleared whenever partitions move (recovery writes the store directly).
-        self.cache: OrderedDict[tuple[int, bytes], AccountState] = OrderedDict()
-        self.cache_size = cache_size
 
     def process(self, messages: Sequence[MessageLike], now_ms: int | None = None) -> Batch:
         """Apply one batch to account states in memory; nothing is written yet (see commit)."""
@@ -197,16 +190,8 @@ class IngestProcessor:
             return None
 
     def _load(self, partition: int, key: bytes) -> AccountState:
-        cached = self.cache.get((partition, key))
-        if cached is not None:
-            self.cache.move_to_end((partition, key))
-            return cached
         raw = self.table.read(partition, key)
         return AccountState.new() if raw is None else AccountState.decode(raw)
-
-    def forget(self) -> None:
-        """Drop cached values (partitions were revoked or assigned)."""
-        self.cache.clear()
 
     def _finish(
         self,
@@ -221,10 +206,6 @@ class IngestProcessor:
             state = touched[slot]
             state.prune(now_ms, wall_ms, self.conf.retention)
             batch.writes.setdefault(partition, {})[key] = state.encode()
-            self.cache[slot] = state
-            self.cache.move_to_end(slot)
             if windows:
                 batch.snapshots.extend(rows.snapshot_rows(key.decode(), state, windows))
         batch.result.accounts = len(changed)
-        while len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)

@@ -1,4 +1,4 @@
-"""Idempotent database upkeep on timers: fallback partitions and the hourly rollup."""
+"""Upkeep on timers: fallback partitions, the hourly rollup, full garbage collections."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import psycopg
 from psycopg_pool import PoolTimeout
 
 from agents.ingest import sink
+from finflow import gcpolicy
 from finflow.app import app, settings
 from finflow.db.maintenance import maintain_partitions, refresh_rollup
 
@@ -43,3 +44,11 @@ async def rollup() -> None:
             _rollup_watermark = await refresh_rollup(conn, _rollup_watermark)
     except (psycopg.Error, PoolTimeout, OSError) as exc:
         log.warning("rollup refresh failed, retried in 30 s: %s", exc)
+
+
+@app.timer(gcpolicy.FULL_COLLECTION_S)
+async def collect_garbage() -> None:
+    """The full collection the worker's GC policy takes off the allocation counter."""
+    found = gcpolicy.collect()
+    if found:
+        log.debug("full collection freed %d objects", found)

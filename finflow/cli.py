@@ -236,7 +236,7 @@ def run_loadgen(args: argparse.Namespace) -> int:
 
 def run_worker(args: argparse.Namespace) -> int:
     """Run the Faust worker; wipe local table state left by an unclean stop first."""
-    from finflow import preflight, tansu
+    from finflow import gcpolicy, preflight, tansu
     from finflow.app import app, settings
 
     if settings.broker_flavor == "tansu" or (
@@ -251,6 +251,7 @@ def run_worker(args: argparse.Namespace) -> int:
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
     sys.argv = ["finflow", "--loop", "uvloop", "worker", "--loglevel", args.loglevel]
+    gcpolicy.install()
     try:
         app.main()
     except SystemExit as exc:

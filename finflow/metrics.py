@@ -56,6 +56,9 @@ CACHE_PUBLISHED = Counter(
     "finflow_cache_published", "Account values written to Redis, by source", ["source"]
 )
 ALERTS = Counter("finflow_alerts", "Alerts raised, by rule", ["rule"])
+GC_FULL_SECONDS = Histogram(
+    "finflow_gc_full_seconds", "Pause of the timed full garbage collection", buckets=_LATENCY
+)
 HTTP_REQUESTS = Counter("finflow_http_requests", "HTTP requests", ["route", "status"])
 HTTP_SECONDS = Histogram(
     "finflow_http_request_seconds", "HTTP latency", ["route"], buckets=_LATENCY
