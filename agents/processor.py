@@ -25,6 +25,9 @@ from tables import rules
 from tables.state import AccountState
 from tables.store import PartitionedTable
 
+#: Account keys whose partition is remembered (about 100 bytes each).
+PARTITION_MEMO = 200_000
+
 
 class MessageLike(Protocol):
     """What the processor reads of a Kafka record (faust's Message has it)."""
@@ -117,6 +120,9 @@ class IngestProcessor:
         self.sources = {name: index for index, name in enumerate(source_topics)}
         self.partitions = partitions
         self.rows = rows
+        # Partition of each recently seen account key (murmur2 in pure Python costs more than
+        # the lookup); cleared when it grows past a bound, so memory stays flat.
+        self._partition_of: dict[bytes, int] = {}
 
     def process(self, messages: Sequence[MessageLike], now_ms: int | None = None) -> Batch:
         """Apply one batch to account states in memory; nothing is written yet (see commit)."""
@@ -134,7 +140,9 @@ class IngestProcessor:
                 continue
             key = txn.account_id.encode()
             source = self.sources[msg.topic]
-            partition = key_partition(key, n)
+            partition = self._partition_of.get(key, -1)
+            if partition < 0:
+                partition = self._partition(key, n)
             if source == 0 and (msg.key is None or partition != msg.partition):
                 self.outputs.forward(msg, key, partition)
                 result.forwarded += 1
@@ -188,6 +196,12 @@ class IngestProcessor:
                 )
             )
             return None
+
+    def _partition(self, key: bytes, partitions: int) -> int:
+        if len(self._partition_of) >= PARTITION_MEMO:
+            self._partition_of.clear()
+        partition = self._partition_of[key] = key_partition(key, partitions)
+        return partition
 
     def _load(self, partition: int, key: bytes) -> AccountState:
         raw = self.table.read(partition, key)
