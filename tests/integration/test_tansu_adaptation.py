@@ -173,3 +173,63 @@ async def test_faust_exactly_once_recovery_highwaters(
         assert await thread._highwaters(tps) == {tps[0]: RECORDS}
     finally:
         await consumer.stop()
+
+
+@pytest.mark.asyncio
+async def test_pending_fetch_is_still_not_woken_by_records(
+    broker: str, topic_factory: TopicFactory
+) -> None:
+    topic = await topic_factory()
+    conn = await _connect(broker)
+    producer = AIOKafkaProducer(bootstrap_servers=broker, linger_ms=0)
+    await producer.start()
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        pending = asyncio.ensure_future(
+            conn.send(FetchRequest(2_000, 1, 1 << 20, 0, [(topic, [(0, 0, 1 << 20)])]))
+        )
+        await asyncio.sleep(0.2)
+        await producer.send_and_wait(topic, b"wake up", partition=0)
+        await pending
+        held = loop.time() - started
+    finally:
+        await producer.stop()
+        conn.close()
+    # Apache Kafka answers once min_bytes (1) arrived, ~0.2 s here; tansu holds on (it was
+    # seen answering after about half the max wait, records or not).
+    assert held > 0.6, "tansu answers a pending Fetch when records arrive: remove (e)"
+
+
+@pytest.mark.asyncio
+async def test_faust_consumer_fetches_with_short_waits(
+    broker: str, topic_factory: TopicFactory
+) -> None:
+    topic = await topic_factory()
+    app = faust.App(f"app-{topic}", broker=f"kafka://{broker}")
+    thread = cast(Any, app.consumer)._thread
+    unpatched = tansu._original_create_worker_consumer(thread, app.transport)
+    assert unpatched._fetch_max_wait_ms == 1500, "Faust no longer waits 1.5 s: re-check (e)"
+    tansu.apply()
+    consumer = thread._create_worker_consumer(app.transport)
+    assert consumer._fetch_max_wait_ms == tansu.FETCH_MAX_WAIT_MS
+    # Delivery no longer waits for a pending Fetch to time out.
+    producer = AIOKafkaProducer(bootstrap_servers=broker, linger_ms=0)
+    await asyncio.gather(consumer.start(), producer.start())
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_end(tp)
+        await asyncio.sleep(0.5)  # a Fetch is pending
+        loop = asyncio.get_running_loop()
+        delays = []
+        for i in range(5):
+            started = loop.time()
+            await producer.send_and_wait(topic, f"r{i}".encode(), partition=0)
+            async with asyncio.timeout(5):
+                await consumer.getone(tp)
+            delays.append(loop.time() - started)
+            await asyncio.sleep(0.13)
+    finally:
+        await asyncio.gather(consumer.stop(), producer.stop())
+    assert max(delays) < 0.5, delays  # with Faust's 1,500 ms wait: 0.7-1.5 s each
