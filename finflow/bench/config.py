@@ -37,6 +37,19 @@ class BenchConfig:
     #: Faust group membership for every worker the bench starts (tansu holds the first
     #: JoinGroup for half the session timeout; that wait is outside every measured rate).
     session_timeout: str = "6s"
+    #: Read path (finflow.bench.reads). Its keys carry the phase's own app id as prefix and
+    #: are deleted afterwards.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    #: About this many of the stream's records are applied: every record of a subset of the
+    #: accounts, so each account holds what it holds in the whole stream.
+    reads_records: int = 40_000
+    #: Accounts read, a random sample of that subset.
+    reads_accounts: int = 2_000
+    #: Concurrent clients (closed loop) and the length of each measurement.
+    reads_clients: int = 8
+    reads_s: float = 8.0
+    #: Write load of the "under load" measurement, a fraction of the storage-on capacity.
+    reads_load_fraction: float = 0.5
 
     @property
     def work_dir(self) -> Path:
@@ -54,6 +67,13 @@ def _fractions(text: str) -> tuple[float, ...]:
     if not values or any(not 0 < v <= 2 for v in values):
         raise argparse.ArgumentTypeError("comma-separated fractions in (0, 2], e.g. 0.25,0.5,0.8")
     return values
+
+
+def _positive(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError("a positive integer")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +101,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tiny fast run for CI (20k records, 5 s phases and timing, no Quix)",
     )
     parser.add_argument("--no-quix", action="store_true", help="skip the Quix Streams peer")
+    parser.add_argument(
+        "--redis",
+        default="redis://127.0.0.1:6379/0",
+        help="Redis of the read-path phase (its keys are prefixed and deleted afterwards)",
+    )
+    parser.add_argument(
+        "--reads-seconds",
+        type=float,
+        default=None,
+        help="each read-path measurement (8; --smoke: 1)",
+    )
+    parser.add_argument(
+        "--reads-clients", type=_positive, default=8, help="concurrent read-path clients (8)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results/bench.json"))
     parser.add_argument(
         "--postgres",
@@ -96,6 +130,7 @@ def from_args(args: argparse.Namespace, project_root: Path) -> BenchConfig:
     """Explicit options win; ``--smoke`` only changes the defaults."""
     smoke = bool(args.smoke)
     defaults = (20_000, 2_000, 5.0, 5.0) if smoke else (500_000, 100_000, 60.0, 90.0)
+    reads = (5_000, 500, 1.0) if smoke else (40_000, 2_000, 8.0)
     return BenchConfig(
         transactions=args.transactions or defaults[0],
         accounts=args.accounts or defaults[1],
@@ -108,4 +143,9 @@ def from_args(args: argparse.Namespace, project_root: Path) -> BenchConfig:
         out=args.out,
         postgres_admin_url=args.postgres,
         quix_venv=args.quix_venv or project_root / ".venv-bench-quix",
+        redis_url=args.redis,
+        reads_records=reads[0],
+        reads_accounts=reads[1],
+        reads_clients=args.reads_clients,
+        reads_s=args.reads_seconds or reads[2],
     )

@@ -34,7 +34,8 @@ POLL_S = 0.1
 
 @dataclass
 class Worker:
-    """One ``finflow worker`` process: cache off, storage on (``database``) or off."""
+    """One ``finflow worker`` process: storage on (``database``) or off; the Redis cache off
+    unless ``redis_url`` is given."""
 
     conf: BenchConfig
     bootstrap: str
@@ -42,6 +43,7 @@ class Worker:
     name: str
     app_id: str
     database: str | None = None
+    redis_url: str | None = None
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
@@ -66,6 +68,11 @@ class Worker:
             if self.database
             else {"FINFLOW_SINK_ENABLED": "false"}
         )
+        cache = (
+            {"FINFLOW_CACHE_ENABLED": "true", "FINFLOW_REDIS_URL": self.redis_url}
+            if self.redis_url
+            else {"FINFLOW_CACHE_ENABLED": "false"}
+        )
         return {
             **os.environ,
             "FINFLOW_BROKER_URL": f"kafka://{self.bootstrap}",
@@ -75,10 +82,10 @@ class Worker:
             "FINFLOW_WEB_HOST": "127.0.0.1",
             "FINFLOW_DATA_DIR": str(self.work / f"{self.name}-data"),
             "FINFLOW_TOPIC_PARTITIONS": str(self.conf.partitions),
-            "FINFLOW_CACHE_ENABLED": "false",
             "FINFLOW_API_TOKENS": "",
             "FINFLOW_BROKER_SESSION_TIMEOUT": self.conf.session_timeout,
             **storage,
+            **cache,
         }
 
     def start(self) -> None:

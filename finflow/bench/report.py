@@ -20,6 +20,18 @@ LABELS = {
 }
 
 
+READ_LABELS = {
+    "redis_get": "baseline: redis-py GET of the key",
+    "api_healthz": "baseline: finflow api /healthz",
+    "worker_healthz": "baseline: worker /healthz",
+    "cached": "cached: finflow api from Redis",
+    "uncached_owner": "uncached: owner worker's table",
+    "uncached_api": "uncached: finflow api miss -> owner",
+    "cached_under_load": "cached, writes at {rate}/s",
+    "uncached_owner_under_load": "uncached owner, writes at {rate}/s",
+}
+
+
 def ratios(contenders: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     """Each measured contender's msg/s over the raw and the textbook baselines'."""
     raw = contenders[RAW]["msg_per_s"]
@@ -105,6 +117,75 @@ def table(results: Mapping[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _cores(cpu: Mapping[str, float], served_by: str) -> str:
+    return "/".join(f"{cpu.get(k, 0.0):.2f}" for k in ("client", served_by, "machine"))
+
+
+def reads_table(results: Mapping[str, Any]) -> str:
+    """The read path: one row per measurement, latency in ms, ratios to the HTTP baseline."""
+    reads = results.get("reads", {})
+    if "measurements" not in reads:
+        return f"read path: not measured: {reads.get('error', 'skipped')}"
+    conf, measured, rat = reads["config"], reads["measurements"], reads["ratios"]
+    head = (
+        f"read path ({conf['clients']} clients, {conf['seconds']:g} s each)",
+        "served by",
+        "requests",
+        "req/s",
+        "req/CPU-s",
+        "p50/p95/p99/max ms",
+        "p99 vs http",
+        "req/s vs http",
+        "CPU client/server/machine",
+        "writes applied/s",
+    )
+    rows = [head]
+    for name, m in measured.items():
+        lat, r = m["latency_ms"], rat.get(name, {})
+        rate = m.get("load", {}).get("target_msg_per_s", 0.0)
+        rows.append(
+            (
+                READ_LABELS.get(name, name).format(rate=f"{rate:,.0f}"),
+                m["served_by"],
+                f"{m['requests']:,}",
+                f"{m['req_per_s']:,.0f}",
+                f"{m['req_per_cpu_s']:,.0f}",
+                "/".join(f"{lat[k]:.2f}" for k in ("p50", "p95", "p99", "max")),
+                f"{r['p99_vs_http']:.2f}" if r else "",
+                f"{r['req_per_s_vs_http']:.2f}" if r else "",
+                _cores(m["cpu_cores"], m["served_by"]),
+                f"{m['applied_msg_per_s']:,.0f}" if "load" in m else "",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for key, v in rat.items():
+        if "_vs_" in key and "p99_speedup" in v:
+            fast, slow = key.split("_vs_")
+            lines.append(
+                f"{fast} vs {slow}: p50 {v['p50_speedup']:.2f}x, p99 {v['p99_speedup']:.2f}x"
+                f" faster; req/s {v['req_per_s_gain']:.2f}x, req/CPU-s"
+                f" {v['req_per_cpu_s_gain']:.2f}x (above 1: the cache wins)"
+            )
+    under = {n: m["load"] for n, m in measured.items() if "load" in m}
+    if under:
+        lines.append(
+            "under load the worker applied "
+            + ", ".join(f"{v['applied_msg_per_s']:,.0f}/s during {n}" for n, v in under.items())
+            + f" (loadgen target {next(iter(under.values()))['target_msg_per_s']:,.0f}/s)"
+        )
+    target = reads["target"]
+    lines.append(
+        f"target p99 < {target['p99_ms']:g} ms for cached reads: quiet"
+        f" {measured['cached']['latency_ms']['p99']:.2f} ms"
+        f" ({'met' if target['cached_met'] else 'NOT met'}), under load"
+        f" {measured['cached_under_load']['latency_ms']['p99']:.2f} ms"
+        f" ({'met' if target['cached_under_load_met'] else 'NOT met'})"
+    )
     return "\n".join(line.rstrip() for line in lines)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from finflow.bench import peers, raw, report, sustain
+from finflow.bench import peers, raw, reads, report, sustain
 from finflow.bench.config import DISORDER_MS, EVENT_SPAN_S, BenchConfig
 from finflow.bench.pipeline import (
     Worker,
@@ -50,6 +50,28 @@ METHODS = {
     "rss": "VmRSS of the worker process every second over the sustained phases",
     "recovery": "kill -9 of the storage-off worker after its stream, restart with nothing "
     "deleted; start to /readyz 200, and Faust's changelog read time from its log",
+    "reads": "a fresh broker and database; one worker with storage and the Redis cache on "
+    "(keys under its own app id, deleted afterwards) applies every record of the accounts with "
+    "the lowest numbers (about reads_records records, so each holds its whole-stream history); "
+    "two finflow api processes on the same Redis and worker. Closed loop: reads_clients "
+    "concurrent clients in the bench process, each sending its next request when the last "
+    "answered, for reads_s per measurement after a warm-up (not counted); requests go to a "
+    "random sample of the applied accounts; latency from send to body read, nearest-rank "
+    "percentiles; req/s = answered requests / time (one serving process, so per process); "
+    "req_per_cpu_s = answered requests / CPU seconds of the process that answered; "
+    "cpu_cores = CPU seconds / wall seconds of each process (client = the bench process, "
+    "machine = the whole machine, other work included)",
+    "reads_baselines": "redis_get: redis-py GET of the account's cache key (Redis alone); "
+    "api_healthz / worker_healthz: GET /healthz of finflow api / the worker (each HTTP stack "
+    "alone); same clients and concurrency",
+    "reads_cached": "GET /accounts/{id}/aggregates?window=1d of finflow api, every account "
+    "warm and fresh (cache_results counts the hits)",
+    "reads_uncached": "uncached_owner: the same request to the worker that owns every "
+    "partition, answered from its RocksDB table without Redis; uncached_api: to a second "
+    "finflow api with FINFLOW_CACHE_MAX_AGE=0ms, so every entry is stale and each request "
+    "takes the miss path (Redis read, forward to the owner, its table)",
+    "reads_under_load": "cached and uncached_owner again while finflow loadgen (own process) "
+    "writes to the read accounts at reads_load_fraction of the storage-on capacity",
 }
 
 
@@ -88,7 +110,9 @@ class Run:
                 await self.contender("quix_streams", self._quix, required=False)
         await self.contender("finflow_sink_off", self._finflow_off)
         await self.contender("finflow_sink_on", self._finflow_on)
-        await self.sustained(self.contenders["finflow_sink_on"]["msg_per_s"])
+        capacity = self.contenders["finflow_sink_on"]["msg_per_s"]
+        await self.read_path(capacity)
+        await self.sustained(capacity)
         return self.results()
 
     async def contender(self, name: str, body: Any, *, required: bool = True) -> None:
@@ -157,6 +181,17 @@ class Run:
                     return await self._measure(worker, http)
                 finally:
                     worker.stop()
+
+    async def read_path(self, capacity: float) -> None:
+        """The read path (:mod:`finflow.bench.reads`). A failure is kept in the results, and
+        :func:`run` fails once they are written."""
+        try:
+            self.extra["reads"] = await reads.phase(
+                self.conf, self.stream, capacity, self.work, self.say
+            )
+        except Exception as exc:
+            self.extra["reads"] = {"error": str(exc) or repr(exc)}
+            self.say(f"reads: not measured: {str(exc)[:300]}")
 
     async def sustained(self, capacity: float) -> None:
         """Fixed fractions of ``capacity`` on a fresh broker, database and worker (storage on):
@@ -268,6 +303,9 @@ def run(conf: BenchConfig) -> dict[str, Any]:
             shutil.rmtree(state, ignore_errors=True)
     report.write(conf.out, results)
     print(report.table(results))
+    print(report.reads_table(results))
     print(report.summary(results))
     print(f"results: {conf.out}  logs: {conf.work_dir}")
+    if "error" in results["reads"]:
+        raise BenchError(f"reads: {results['reads']['error']}")
     return results

@@ -8,11 +8,22 @@ import subprocess
 from typing import Any
 
 import pytest
+from redis import Redis
 
 from tests.integration.harness import FINFLOW
 
 SMOKE_TIMEOUT_S = 240
 CONTENDERS = ("raw_aiokafka", "textbook_faust", "finflow_sink_off", "finflow_sink_on")
+READS = (
+    "redis_get",
+    "api_healthz",
+    "worker_healthz",
+    "cached",
+    "uncached_owner",
+    "uncached_api",
+    "cached_under_load",
+    "uncached_owner_under_load",
+)
 
 
 def positive(value: Any) -> bool:
@@ -46,6 +57,9 @@ def test_exit_code_and_table(smoke: tuple[subprocess.CompletedProcess[str], Any]
     assert "contender" in done.stdout
     assert "vs textbook" in done.stdout
     assert "FinFlow sustained 80%" in done.stdout
+    assert "read path (8 clients" in done.stdout
+    assert "cached: finflow api from Redis" in done.stdout
+    assert "target p99 < 10 ms for cached reads" in done.stdout
 
 
 def test_every_throughput_is_positive(smoke: tuple[subprocess.CompletedProcess[str], Any]) -> None:
@@ -116,3 +130,66 @@ def test_memory_and_recovery(smoke: tuple[subprocess.CompletedProcess[str], Any]
     )
     # Every account's value was written at least once.
     assert recovery["changelog_records"] >= results["config"]["accounts"]
+
+
+def share(results: dict[str, float], process: str, result: str) -> float:
+    """The share of ``process``'s cache lookups that ended as ``result``."""
+    mine = {k: v for k, v in results.items() if k.startswith(f"{process}.")}
+    return mine.get(f"{process}.{result}", 0.0) / sum(mine.values())
+
+
+def test_read_path(smoke: tuple[subprocess.CompletedProcess[str], Any]) -> None:
+    _, results = smoke
+    reads = results["reads"]
+    assert "error" not in reads, reads["error"]
+    measured = reads["measurements"]
+    assert tuple(measured) == READS
+    assert 0 < reads["config"]["accounts_read"] <= reads["config"]["accounts"]
+    for name, m in measured.items():
+        assert m["requests"] > 0, name
+        assert m["errors"] == 0, (name, m)
+        assert all(positive(m[k]) for k in ("seconds", "req_per_s", "req_per_cpu_s")), (name, m)
+        assert m["req_per_s"] == pytest.approx(m["requests"] / m["seconds"])
+        lat = m["latency_ms"]
+        assert all(positive(lat[k]) for k in ("p50", "p95", "p99", "max", "mean")), (name, lat)
+        assert lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"], (name, lat)
+        assert all(non_negative(v) for v in m["cpu_cores"].values()), (name, m["cpu_cores"])
+        assert positive(m["cpu_cores"][m["served_by"]]), (name, m["cpu_cores"])
+
+    # Each path took the route it is named after (finflow api's cache counters).
+    for name in ("cached", "cached_under_load"):
+        assert share(measured[name]["cache_results"], "api", "hit") >= 0.99, measured[name]
+    assert share(measured["uncached_api"]["cache_results"], "api_stale", "stale") >= 0.99
+    for name in ("redis_get", "api_healthz", "worker_healthz", "uncached_owner"):
+        assert measured[name]["cache_results"] == {}, (name, measured[name]["cache_results"])
+    for name in ("cached_under_load", "uncached_owner_under_load"):
+        load = measured[name]["load"]
+        assert load["covered"]
+        assert positive(load["applied_msg_per_s"])
+        assert load["target_msg_per_s"] == pytest.approx(
+            results["capacity_msg_per_s"] * reads["config"]["load_fraction"]
+        )
+
+    ratios = reads["ratios"]
+    p99 = {name: m["latency_ms"]["p99"] for name, m in measured.items()}
+    rate = {name: m["req_per_s"] for name, m in measured.items()}
+    for name, baseline in (("cached", "api_healthz"), ("uncached_owner", "worker_healthz")):
+        assert ratios[name]["http_baseline"] == baseline
+        assert ratios[name]["p99_vs_http"] == pytest.approx(p99[name] / p99[baseline])
+        assert ratios[name]["req_per_s_vs_http"] == pytest.approx(rate[name] / rate[baseline])
+        assert ratios[name]["p99_vs_redis"] == pytest.approx(p99[name] / p99["redis_get"])
+    versus = ratios["cached_vs_uncached_owner"]
+    assert versus["p99_speedup"] == pytest.approx(p99["uncached_owner"] / p99["cached"])
+    assert versus["req_per_s_gain"] == pytest.approx(rate["cached"] / rate["uncached_owner"])
+    assert "cached_under_load_vs_uncached_owner_under_load" in ratios
+    target = reads["target"]
+    assert target["cached_met"] == (p99["cached"] < target["p99_ms"])
+    assert target["cached_under_load_met"] == (p99["cached_under_load"] < target["p99_ms"])
+
+    # The phase's Redis keys are gone.
+    assert reads["setup"]["keys_deleted"] > 0
+    client = Redis.from_url(reads["config"]["redis_url"])
+    try:
+        assert not list(client.scan_iter(match=f"{reads['config']['key_prefix']}*", count=1000))
+    finally:
+        client.close()
