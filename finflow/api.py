@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import uvloop
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -222,10 +223,11 @@ def _dumps(value: Any) -> str:
 
 
 def run(conf: Settings, port: int | None = None) -> None:
-    """Serve until SIGINT or SIGTERM."""
+    """Serve until SIGINT or SIGTERM, on uvloop (as the worker)."""
     api = ReadApi(conf)
     web.run_app(
         api.app(),
+        loop=uvloop.new_event_loop(),
         host=conf.web_host,
         port=port or conf.web_port,
         access_log=None,

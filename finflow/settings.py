@@ -120,7 +120,7 @@ class Settings:
     api_tokens: tuple[str, ...] = ()
     processing_guarantee: str = "at_least_once"
     batch_size: int = 2000
-    batch_within_ms: int = 50
+    batch_within_ms: int = 5
     session_timeout_ms: int = 10_000
     heartbeat_ms: int = 1_000
     standby_replicas: int = 1
@@ -184,7 +184,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
             env, "FINFLOW_PROCESSING_GUARANTEE", d.processing_guarantee, _choice(GUARANTEES)
         ),
         batch_size=_read(env, "FINFLOW_BATCH_SIZE", str(d.batch_size), _positive_int),
-        batch_within_ms=_read(env, "FINFLOW_BATCH_WITHIN", "50ms", parse_duration_ms),
+        batch_within_ms=_read(env, "FINFLOW_BATCH_WITHIN", "5ms", parse_duration_ms),
         session_timeout_ms=_read(env, "FINFLOW_BROKER_SESSION_TIMEOUT", "10s", parse_duration_ms),
         heartbeat_ms=_read(env, "FINFLOW_BROKER_HEARTBEAT_INTERVAL", "1s", parse_duration_ms),
         standby_replicas=_read(env, "FINFLOW_STANDBY_REPLICAS", "1", _non_negative_int),
