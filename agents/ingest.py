@@ -7,6 +7,7 @@ from typing import Any
 
 from faust.types import TP
 
+from agents.batching import eager_delivery
 from agents.processor import IngestProcessor, MessageLike, Outputs, key_partition
 from agents.topology import (
     ALERTS,
@@ -105,6 +106,7 @@ async def ingest() -> None:
     records the table already reflects are recognised by their offsets.
     """
     within = min(settings.batch_within_ms, settings.sink_max_delay_ms) / 1000
+    eager_delivery(app.consumer)
     while not app.should_stop:
         messages = await ingest_topic.take(settings.batch_size, within)
         if not messages:
