@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
@@ -118,15 +119,33 @@ def evaluate(rules: Rules, prof: Profile, txn: Transaction, now_ms: int) -> list
 
 
 def remember(rules: Rules, prof: Profile, txn: Transaction) -> None:
-    """Keep the recent transactions the span rules look at (bounded by ``recent_ms``)."""
+    """Keep the recent transactions the span rules look at (bounded by ``recent_ms``).
+
+    ``prof["r"]`` is kept sorted by event time (late events are inserted in place), so the
+    span rules find their range by bisection and expiry cuts a prefix: the cost per event
+    does not grow with the account's recent volume.
+    """
     recent: list[list[Any]] = prof.setdefault("r", [])
-    recent.append([txn.event_ms, txn.amount_minor, txn.currency])
-    newest = max(entry[0] for entry in recent)
-    prof["r"] = [e for e in recent if e[0] > newest - rules.recent_ms]
+    insort(recent, [txn.event_ms, txn.amount_minor, txn.currency], key=_event_ms)
+    expired = bisect_right(recent, recent[-1][0] - rules.recent_ms, key=_event_ms)
+    if expired:
+        del recent[:expired]
+
+
+def _event_ms(entry: list[Any]) -> int:
+    ms: int = entry[0]
+    return ms
+
+
+def _span(prof: Profile, low: int, high: int) -> list[list[Any]]:
+    """Recent entries with ``low < event_ms < high``."""
+    recent: list[list[Any]] = prof.get("r", [])
+    start = bisect_right(recent, low, key=_event_ms)
+    return recent[start : bisect_left(recent, high, key=_event_ms)]
 
 
 def _in_span(prof: Profile, txn: Transaction, span_ms: int) -> list[list[Any]]:
-    return [e for e in prof.get("r", ()) if txn.event_ms - span_ms < e[0] <= txn.event_ms]
+    return _span(prof, txn.event_ms - span_ms, txn.event_ms + 1)
 
 
 def _cooled(prof: Profile, name: str, txn: Transaction, span_ms: int) -> bool:
@@ -135,23 +154,27 @@ def _cooled(prof: Profile, name: str, txn: Transaction, span_ms: int) -> bool:
 
 
 def _busiest_span(times: list[int], at: int, span_ms: int) -> int:
-    """Most events in any span-long window ``[s, s + span)`` that contains ``at``."""
-    ordered = sorted(t for t in times if at - span_ms < t < at + span_ms)
-    ordered.append(at)
-    ordered.sort()
+    """Most events in any span-long window ``[s, s + span)`` that contains ``at``.
+
+    ``times`` are sorted and within ``(at - span, at + span)``; ``at`` itself counts once more.
+    """
+    ordered = times[:]
+    insort(ordered, at)
     best = 0
-    for start in (t for t in ordered if t <= at):
-        best = max(best, sum(1 for t in ordered if start <= t < start + span_ms))
+    for start in ordered[: bisect_right(ordered, at)]:
+        best = max(best, bisect_left(ordered, start + span_ms) - bisect_left(ordered, start))
     return best
 
 
 def _velocity(rule: Velocity, prof: Profile, txn: Transaction) -> dict[str, Any] | None:
     at, span = txn.event_ms, rule.span_ms
-    times = [e[0] for e in prof.get("r", ()) if at - span < e[0] < at + span]
-    if len(times) < rule.max_count:  # cannot exceed max_count in any window: skip the scan
+    near = _span(prof, at - span, at + span)
+    if len(near) < rule.max_count:  # cannot exceed max_count in any window: skip the scan
         return None
-    count = _busiest_span(times, at, span)
-    if count > rule.max_count and _cooled(prof, "velocity", txn, rule.span_ms):
+    if not _cooled(prof, "velocity", txn, rule.span_ms):  # before the scan: same answer
+        return None
+    count = _busiest_span([e[0] for e in near], at, span)
+    if count > rule.max_count:
         return {"count": count, "max_count": rule.max_count, "span_seconds": rule.span_ms // 1000}
     return None
 
@@ -212,8 +235,10 @@ def _card_testing(rule: CardTesting, prof: Profile, txn: Transaction) -> dict[st
 
     if not small(txn.amount_minor, txn.currency):
         return None
+    if not _cooled(prof, "card_testing", txn, rule.span_ms):  # before the count: same answer
+        return None
     count = sum(1 for e in _in_span(prof, txn, rule.span_ms) if small(e[1], e[2])) + 1
-    if count < rule.min_count or not _cooled(prof, "card_testing", txn, rule.span_ms):
+    if count < rule.min_count:
         return None
     return {
         "count": count,
