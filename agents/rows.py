@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from functools import lru_cache
 
 from finflow.db.writer import SnapshotRow, TxnRow
 from models.transaction import Transaction
@@ -10,7 +11,10 @@ from tables.state import AccountState
 from tables.windows import COUNT, CURRENCIES, FIRST, LAST, MERCHANTS, WINDOW_SIZES, window_start
 
 
+@lru_cache(maxsize=16_384)
 def _utc(ms: int) -> datetime:
+    """Cached: a batch's rows repeat window bounds and, across an event's three windows and
+    its transaction row, its event time."""
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
