@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -68,17 +69,24 @@ class _Consumer:
         self.wait_first = self.service.wait_first
 
 
-async def test_eager_delivery_returns_at_once_when_delivery_does_not_suspend() -> None:
-    consumer = _Consumer()
-    eager_delivery(consumer)
-    buf = BatchBuffer(maxsize=10)
-    suspended = asyncio.Event()
+def _conductor(buf: BatchBuffer) -> Callable[[int], Coroutine[Any, Any, None]]:
+    """What Faust's conductor does with a record: put it if there is room, else wait."""
 
     async def deliver(value: int) -> None:
         if buf.full():
             await buf.put(value)  # type: ignore[arg-type]
         else:
             buf.put_nowait_enhanced(value)  # type: ignore[arg-type]
+
+    return deliver
+
+
+async def test_eager_delivery_returns_at_once_when_delivery_does_not_suspend() -> None:
+    consumer = _Consumer()
+    eager_delivery(consumer)
+    buf = BatchBuffer(maxsize=10)
+    suspended = asyncio.Event()
+    deliver = _conductor(buf)
 
     tasks_before = len(asyncio.all_tasks())
     for i in range(5):
@@ -93,12 +101,7 @@ async def test_eager_delivery_falls_back_when_delivery_suspends() -> None:
     eager_delivery(consumer)  # idempotent
     buf = BatchBuffer(maxsize=2)
     suspended = asyncio.Event()
-
-    async def deliver(value: int) -> None:
-        if buf.full():
-            await buf.put(value)  # type: ignore[arg-type]
-        else:
-            buf.put_nowait_enhanced(value)  # type: ignore[arg-type]
+    deliver = _conductor(buf)
 
     await consumer.wait_first(deliver(1), suspended.wait())
     await consumer.wait_first(deliver(2), suspended.wait())
