@@ -237,6 +237,8 @@ def run_loadgen(args: argparse.Namespace) -> int:
 def run_worker(args: argparse.Namespace) -> int:
     """Run the Faust worker; wipe local table state left by an unclean stop first."""
     from finflow import gcpolicy, preflight, tansu
+
+    gcpolicy.limit_malloc_arenas()  # before any thread (DNS executor, consumer, RocksDB) starts
     from finflow.app import app, settings
 
     if settings.broker_flavor == "tansu" or (

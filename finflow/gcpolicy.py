@@ -13,11 +13,16 @@ per-record time. FinFlow's own data is acyclic (reference counting frees it), so
 - :func:`collect` runs the full collection instead, on a timer (``FULL_COLLECTION_S``), so
   cyclic garbage that reached the oldest generation is still freed, at a known rate, and
   its pause is measured (``finflow_gc_full_seconds``).
+
+Native memory is the other half: :func:`limit_malloc_arenas` caps glibc's malloc arenas for
+the worker process, as ``MALLOC_ARENA_MAX`` would.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import os
 import time
 
 from finflow import metrics
@@ -26,6 +31,28 @@ from finflow import metrics
 FULL_COLLECTION_S = 60.0
 #: Effectively never by allocation count: the timer decides.
 _NEVER = 1_000_000_000
+#: glibc malloc arenas for the worker (glibc's default: up to 8 per core, one per thread that
+#: contends). RocksDB's flush and compaction threads, aiokafka's consumer thread and the event
+#: loop each allocate from arenas of their own, the usual source of RSS creep in processes
+#: that embed RocksDB. Measured at 3,000 records/s, RSS growth from 100 s to 300 s: storage
+#: off 12 -> 3 MB, storage on 36 -> 29 MB (the rest is not the allocator; see the README).
+MALLOC_ARENAS = 2
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number, as MALLOC_ARENA_MAX
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas (what ``MALLOC_ARENA_MAX`` does), before threads start.
+
+    False when the environment already sets ``MALLOC_ARENA_MAX`` (the operator's choice wins)
+    or the C library is not glibc.
+    """
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_ARENA_MAX, arenas))
 
 
 def install() -> None:

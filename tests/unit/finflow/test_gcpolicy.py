@@ -59,3 +59,12 @@ def test_timed_collection_frees_cycles_and_is_measured() -> None:
     assert all(ref() is None for ref in refs)
     pauses = metrics.GC_FULL_SECONDS.collect()[0]
     assert next(s.value for s in pauses.samples if s.name.endswith("_count")) == count + 1
+
+
+def test_malloc_arenas_are_capped_unless_the_environment_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert not gcpolicy.limit_malloc_arenas()  # the operator's setting stands
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert gcpolicy.limit_malloc_arenas()  # glibc on every machine this project runs on
