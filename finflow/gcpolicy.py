@@ -34,8 +34,8 @@ _NEVER = 1_000_000_000
 #: glibc malloc arenas for the worker (glibc's default: up to 8 per core, one per thread that
 #: contends). RocksDB's flush and compaction threads, aiokafka's consumer thread and the event
 #: loop each allocate from arenas of their own, the usual source of RSS creep in processes
-#: that embed RocksDB. Measured at 3,000 records/s, RSS growth from 100 s to 300 s: storage
-#: off 12 -> 3 MB, storage on 36 -> 29 MB (the rest is not the allocator; see the README).
+#: that embed RocksDB. Measured at 3,000 records/s, RSS growth after 100 s: storage off
+#: (to 260 s) 12 -> 3 MB, storage on (to 300 s) 36 -> 29 MB (the rest is not the allocator).
 MALLOC_ARENAS = 2
 _M_ARENA_MAX = -8  # glibc's mallopt parameter number, as MALLOC_ARENA_MAX
 
