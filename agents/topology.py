@@ -13,8 +13,9 @@ BY_ACCOUNT = f"{settings.app_id}-transactions-by-account"
 #: RocksDB memory per table partition (one database each, standbys included). Faust's
 #: defaults (3 x 64 MB memtables, a 2 GB block cache and 500 MB compressed cache per partition)
 #: let a worker's RSS grow by hundreds of MB under load before anything is flushed or evicted;
-#: these bound it to about 40 MB per partition. The hot path reads each account once per
-#: batch, so the block cache matters little (measured: no throughput change).
+#: these bound memtables and block cache to 32 MB per partition (the compressed cache is used
+#: by the python-rocksdb driver only). The hot path reads each account once per batch, so the
+#: block cache matters little (measured: no throughput change).
 ROCKSDB_MEMORY = {
     "write_buffer_size": 8 << 20,
     "max_write_buffer_number": 2,
