@@ -32,21 +32,15 @@ RECORDS = "finflow_records_total"
 POLL_S = 0.1
 
 
-@dataclass
-class Worker:
-    """One ``finflow worker`` process: storage on (``database``) or off; the Redis cache off
-    unless ``redis_url`` is given."""
+class BenchProcess:
+    """What the bench does with any FinFlow process it starts: its URL, log, pid, readiness,
+    and kill -9 (the bench keeps no process state, so none gets shutdown time)."""
 
-    conf: BenchConfig
-    bootstrap: str
     work: Path
     name: str
-    app_id: str
-    database: str | None = None
-    redis_url: str | None = None
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-    started_at: float = 0.0
+    port: int
+    proc: subprocess.Popen[bytes] | None
+    started_at: float
 
     @property
     def url(self) -> str:
@@ -61,6 +55,49 @@ class Worker:
         if self.proc is None:
             raise BenchError(f"{self.name} is not running")
         return self.proc.pid
+
+    def kill9(self) -> None:
+        if self.proc is not None:
+            kill9(self.proc)
+
+    def stop(self) -> None:
+        """Discard the process (kill -9)."""
+        self.kill9()
+
+    def check_running(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            raise BenchError(f"{self.name} exited: {tail(self.log)}")
+
+    async def wait_status(self, http: aiohttp.ClientSession, path: str, timeout_s: float) -> float:
+        """Seconds from this start until ``path`` answered 200."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_running()
+            try:
+                async with http.get(f"{self.url}{path}") as resp:
+                    if resp.status == 200:
+                        return time.monotonic() - self.started_at
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+        raise BenchError(f"{self.name}: {path} not 200 within {timeout_s:.0f} s: {tail(self.log)}")
+
+
+@dataclass
+class Worker(BenchProcess):
+    """One ``finflow worker`` process: storage on (``database``) or off; the Redis cache off
+    unless ``redis_url`` is given."""
+
+    conf: BenchConfig
+    bootstrap: str
+    work: Path
+    name: str
+    app_id: str
+    database: str | None = None
+    redis_url: str | None = None
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
 
     def env(self) -> dict[str, str]:
         storage = (
@@ -92,37 +129,10 @@ class Worker:
         self.started_at = time.monotonic()
         self.proc = spawn([FINFLOW, "worker", "--loglevel", "info"], self.env(), self.log)
 
-    def kill9(self) -> None:
-        if self.proc is not None:
-            kill9(self.proc)
-
-    def stop(self) -> None:
-        """Discard the worker (kill -9): the bench keeps none of its state, so it gets no
-        shutdown time."""
-        self.kill9()
-
-    def check_running(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            raise BenchError(f"{self.name} exited: {tail(self.log)}")
-
     async def scrape(self, http: aiohttp.ClientSession) -> prom.Scrape:
         async with http.get(f"{self.url}/metrics") as resp:
             text = await resp.text()
         return prom.parse(text, time.monotonic())
-
-    async def wait_status(self, http: aiohttp.ClientSession, path: str, timeout_s: float) -> float:
-        """Seconds from this start until ``path`` answered 200."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self.check_running()
-            try:
-                async with http.get(f"{self.url}{path}") as resp:
-                    if resp.status == 200:
-                        return time.monotonic() - self.started_at
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-        raise BenchError(f"{self.name}: {path} not 200 within {timeout_s:.0f} s: {tail(self.log)}")
 
 
 async def throughput(

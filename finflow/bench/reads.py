@@ -46,7 +46,7 @@ from yarl import URL
 
 from finflow.bench import prom
 from finflow.bench.config import BenchConfig
-from finflow.bench.pipeline import ACCEPTED, FINFLOW, Worker, fresh_database
+from finflow.bench.pipeline import ACCEPTED, FINFLOW, BenchProcess, Worker, fresh_database
 from finflow.bench.procs import BenchError, kill9, spawn, tail
 from finflow.bench.workload import Stream, free_port, fresh_broker, preproduce
 from finflow.cache import parse_owner
@@ -112,7 +112,7 @@ def machine_busy_s() -> float:
 
 
 @dataclass
-class ApiProcess:
+class ApiProcess(BenchProcess):
     """One ``finflow api`` process over the phase's Redis keys and worker."""
 
     conf: BenchConfig
@@ -124,18 +124,6 @@ class ApiProcess:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log(self) -> Path:
-        return self.work / f"{self.name}.log"
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid if self.proc is not None else 0
 
     def start(self) -> None:
         env = {
@@ -152,22 +140,6 @@ class ApiProcess:
         }
         self.started_at = time.monotonic()
         self.proc = spawn([FINFLOW, "api"], env, self.log)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            kill9(self.proc)
-
-    async def wait_ready(self, http: aiohttp.ClientSession, timeout_s: float) -> float:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                raise BenchError(f"{self.name} exited: {tail(self.log)}")
-            with contextlib.suppress(aiohttp.ClientError):
-                async with http.get(f"{self.url}/readyz") as resp:
-                    if resp.status == 200:
-                        return time.monotonic() - self.started_at
-            await asyncio.sleep(0.05)
-        raise BenchError(f"{self.name}: /readyz not 200 within {timeout_s:.0f} s: {tail(self.log)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -577,7 +549,7 @@ async def phase(
                         for api in apis.values():
                             api.start()
                         for api in apis.values():
-                            await api.wait_ready(http, READY_TIMEOUT_S)
+                            await api.wait_status(http, "/readyz", READY_TIMEOUT_S)
                         setup["warm_s"] = await wait_warm(
                             redis, app_id, sub.sample, conf.partitions, applied_ms
                         )
