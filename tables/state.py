@@ -4,11 +4,22 @@ Everything one transaction changes lives in one table value, so a single table w
 single changelog record) carries all of it atomically. Each value remembers the last source
 offset it reflects per source topic; a redelivered record at or below it is skipped, which
 makes at-least-once delivery produce exact aggregates without broker transactions.
+
+The value is read, changed and written for every batch that touches the account, so its
+layout keeps the number of Python objects a decode creates small (that count, not the bytes,
+is what decoding and freeing cost):
+
+- each window bucket is stored *sealed*, as its own JSON text inside the value; a bucket is
+  parsed only when an event lands in it or a reader asks for it, and sealed again on encode;
+- the transaction ids of the de-duplication span are one string of fixed-width records (a
+  128-bit BLAKE2b digest of the id, its event time and the time it was first seen), searched
+  in place.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from hashlib import blake2b
 from typing import Any
 
 import orjson
@@ -19,6 +30,10 @@ from tables import profile, windows
 
 DAY_MS = 86_400_000
 SOURCES = 2  # 0: the transactions topic, 1: the internal by-account repartition topic
+
+# One de-duplication record: 32 hex digits of digest, then event and seen-at ms, 12 hex each.
+_DIGEST, _MS = 32, 12
+ID_RECORD = _DIGEST + 2 * _MS
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,18 +51,61 @@ class Retention:
 _SIZES = tuple(windows.WINDOW_SIZES.values())
 
 
+def id_digest(transaction_id: str) -> str:
+    """The fixed-width stand-in of a transaction id in the de-duplication records."""
+    return blake2b(transaction_id.encode(), digest_size=_DIGEST // 2).hexdigest()
+
+
+def _find_record(records: str, digest: str) -> int:
+    """Offset of the record of ``digest`` in ``records``, or -1 (hits inside a record's
+    time fields are not records: only offsets on a record boundary count)."""
+    at = records.find(digest)
+    while at >= 0 and at % ID_RECORD:
+        at = records.find(digest, at + 1)
+    return at
+
+
+def _field(records: str, at: int, index: int) -> int:
+    """Field ``index`` (1: event ms, 2: seen-at ms) of the record at offset ``at``."""
+    start = at + _DIGEST + (index - 1) * _MS
+    return int(records[start : start + _MS], 16)
+
+
+def _upgrade(data: dict[str, Any]) -> None:
+    """Convert a value written before sealed buckets and id records, in place.
+
+    That layout kept ``{id: [event ms, seen-at ms]}`` and merchants in arrival order.
+    """
+    data["s"] = "".join(
+        f"{id_digest(txid)}{event:012x}{seen:012x}" for txid, (event, seen) in data["s"].items()
+    )
+    for buckets in data["w"]:
+        for bucket in buckets.values():
+            bucket[windows.MERCHANTS].sort()
+
+
+def _unseal(bucket: str | windows.Bucket) -> windows.Bucket:
+    return orjson.loads(bucket) if isinstance(bucket, str) else bucket
+
+
 class AccountState:
     """Mutable view over one account's stored value (a JSON-ready dict)."""
 
-    __slots__ = ("data",)
+    __slots__ = ("_added", "_opened", "data")
 
     def __init__(self, data: dict[str, Any]) -> None:
         self.data = data
+        # Buckets parsed for a change since the last encode: (window dict, key).
+        self._opened: list[tuple[dict[str, Any], str]] = []
+        # Ids accepted since the last prune (which stamps their seen-at): digest -> event ms.
+        self._added: dict[str, int] = {}
+        if isinstance(data["s"], dict):
+            _upgrade(data)
 
     @classmethod
     def new(cls) -> AccountState:
         return cls(
-            {"o": [-1] * SOURCES, "v": 0, "w": [{}, {}, {}], "s": {}, "p": profile.new(), "u": 0}
+            {"o": [-1] * SOURCES, "v": 0, "w": [{}, {}, {}], "s": "", "p": profile.new(), "u": 0}
         )
 
     @classmethod
@@ -55,6 +113,11 @@ class AccountState:
         return cls(orjson.loads(raw))
 
     def encode(self) -> bytes:
+        for buckets, key in self._opened:
+            bucket = buckets[key]
+            if not isinstance(bucket, str):
+                buckets[key] = orjson.dumps(bucket).decode()
+        self._opened.clear()
         return orjson.dumps(self.data)
 
     def seen_offset(self, source: int, offset: int) -> bool:
@@ -72,20 +135,37 @@ class AccountState:
     def accept(self, txn: Transaction, source: int, offset: int, retention: Retention) -> bool:
         """Record ``offset`` and the transaction id; False when the id is a repeat."""
         self.data["o"][source] = offset
-        seen: dict[str, list[int]] = self.data["s"]
-        first = seen.get(txn.transaction_id)
-        if first is not None and abs(txn.event_ms - first[0]) < retention.dedup_ms:
+        digest = id_digest(txn.transaction_id)
+        first = self._added.get(digest)
+        if first is None:
+            records: str = self.data["s"]
+            at = _find_record(records, digest)
+            if at >= 0:
+                first = _field(records, at, 1)
+                if abs(txn.event_ms - first) >= retention.dedup_ms:  # the id is reused
+                    self.data["s"] = records[:at] + records[at + ID_RECORD :]
+        if first is not None and abs(txn.event_ms - first) < retention.dedup_ms:
             return False
-        seen[txn.transaction_id] = [txn.event_ms, 0]  # seen-at is stamped by prune()
+        self._added[digest] = txn.event_ms
         return True
+
+    def remembers(self, transaction_id: str) -> bool:
+        """Whether ``transaction_id`` is among the ids kept for de-duplication."""
+        digest = id_digest(transaction_id)
+        return digest in self._added or _find_record(self.data["s"], digest) >= 0
 
     def add(self, txn: Transaction) -> None:
         """Count an accepted transaction in its windows and the profile."""
+        ms = txn.event_ms
         for size, buckets in zip(_SIZES, self.data["w"], strict=True):
-            key = str(windows.window_start(txn.event_ms, size))
+            key = str(ms - ms % size)
             bucket = buckets.get(key)
             if bucket is None:
                 bucket = buckets[key] = windows.new_bucket()
+                self._opened.append((buckets, key))
+            elif isinstance(bucket, str):
+                bucket = buckets[key] = orjson.loads(bucket)
+                self._opened.append((buckets, key))
             windows.add(bucket, txn)
         profile.add(self.data["p"], txn)
         self.data["v"] += 1
@@ -100,21 +180,27 @@ class AccountState:
         self._prune_ids(updated_ms, retention.dedup_ms)
 
     def _prune_ids(self, wall_ms: int, span_ms: int) -> None:
-        """Forget an id once its event time *and* the time it was seen are past the span.
+        """Stamp new ids with ``wall_ms``; forget an id once its event time *and* the time it
+        was seen are past the span.
 
         Event time alone would forget a late event's id at once (its repeat seconds later
         would count twice); processing time alone would grow without bound in a backfill.
+        Records are appended in seen-at order, so only a prefix can be stale.
         """
-        newest = profile.last_event_ms(self.data["p"]) or 0
-        seen: dict[str, list[int]] = self.data["s"]
-        stale = []
-        for txid, entry in seen.items():
-            if entry[1] == 0:
-                entry[1] = wall_ms
-            elif entry[0] < newest - span_ms and entry[1] < wall_ms - span_ms:
-                stale.append(txid)
-        for txid in stale:
-            del seen[txid]
+        records: str = self.data["s"]
+        if self._added:
+            stamp = f"{wall_ms:012x}"
+            added = "".join(f"{d}{event:012x}{stamp}" for d, event in self._added.items())
+            records += added
+            self._added.clear()
+        seen_before = wall_ms - span_ms
+        event_before = (profile.last_event_ms(self.data["p"]) or 0) - span_ms
+        end, kept = 0, []
+        while end < len(records) and _field(records, end, 2) < seen_before:
+            if _field(records, end, 1) >= event_before:
+                kept.append(records[end : end + ID_RECORD])
+            end += ID_RECORD
+        self.data["s"] = "".join(kept) + records[end:] if end else records
 
     @property
     def version(self) -> int:
@@ -123,10 +209,10 @@ class AccountState:
         return version
 
     def bucket(self, name: str, start_ms: int) -> windows.Bucket | None:
-        """The raw bucket of a kept window (None when empty or expired)."""
+        """The bucket of a kept window (None when empty or expired)."""
         index = _SIZES.index(windows.WINDOW_SIZES[name])
-        found: windows.Bucket | None = self.data["w"][index].get(str(start_ms))
-        return found
+        found = self.data["w"][index].get(str(start_ms))
+        return None if found is None else _unseal(found)
 
     @property
     def updated_ms(self) -> int:
@@ -137,15 +223,17 @@ class AccountState:
         """Aggregate of the ``name`` ("1m", "1h", "1d") window that contains ``at_ms``."""
         size = windows.WINDOW_SIZES[name]
         start = windows.window_start(at_ms, size)
-        bucket = self.data["w"][_SIZES.index(size)].get(str(start))
+        bucket = self.bucket(name, start)
         return windows.merge(start, start + size, [bucket] if bucket else [])
 
     def rolling(self, span_ms: int, at_ms: int) -> Aggregate:
         """Aggregate of the whole minutes ``[floor_min(at) - span + 1m, floor_min(at) + 1m)``."""
         end = windows.window_start(at_ms, windows.MINUTE_MS) + windows.MINUTE_MS
         start = end - span_ms
-        minutes: dict[str, windows.Bucket] = self.data["w"][0]
-        return windows.merge(start, end, (b for k, b in minutes.items() if start <= int(k) < end))
+        minutes: dict[str, Any] = self.data["w"][0]
+        return windows.merge(
+            start, end, (_unseal(b) for k, b in minutes.items() if start <= int(k) < end)
+        )
 
     @property
     def profile(self) -> dict[str, Any]:

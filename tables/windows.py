@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable
 from typing import Any
 
@@ -12,7 +13,7 @@ MINUTE_MS = 60_000
 WINDOW_SIZES: dict[str, int] = {"1m": MINUTE_MS, "1h": 60 * MINUTE_MS, "1d": 1440 * MINUTE_MS}
 
 # A bucket is a JSON-ready list, kept small because it is stored and sent on every change:
-# [count, first_ms, last_ms, [merchant ids], {currency: [count, sum, min, max]}]
+# [count, first_ms, last_ms, [merchant ids, sorted], {currency: [count, sum, min, max]}]
 Bucket = list[Any]
 COUNT, FIRST, LAST, MERCHANTS, CURRENCIES = range(5)
 
@@ -34,8 +35,12 @@ def add(bucket: Bucket, txn: Transaction) -> None:
         bucket[FIRST] = ms
     if bucket[LAST] is None or ms > bucket[LAST]:
         bucket[LAST] = ms
-    if txn.merchant_id is not None and txn.merchant_id not in bucket[MERCHANTS]:
-        bucket[MERCHANTS].append(txn.merchant_id)
+    merchant = txn.merchant_id
+    if merchant is not None:
+        merchants = bucket[MERCHANTS]
+        at = bisect_left(merchants, merchant)  # a busy day has thousands of merchants
+        if at == len(merchants) or merchants[at] != merchant:
+            merchants.insert(at, merchant)
     amount = txn.amount_minor
     stats = bucket[CURRENCIES].get(txn.currency)
     if stats is None:

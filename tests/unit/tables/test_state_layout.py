@@ -1,0 +1,108 @@
+"""The stored layout of an account value: sealed buckets, id records, the older layout."""
+
+from __future__ import annotations
+
+import orjson
+
+from models.transaction import Transaction
+from tables import state as state_module
+from tables.state import ID_RECORD, AccountState, Retention, id_digest
+
+MIN = 60_000
+DAY = 86_400_000
+NOW = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+RETENTION = Retention()
+
+
+def txn(txid: str, ms: int, amount: int = 100, merchant: str | None = None) -> Transaction:
+    return Transaction(txid, "acc-1", amount, "USD", ms, merchant_id=merchant)
+
+
+def test_busy_account_value_decodes_to_few_objects() -> None:
+    """5,000 transactions in an hour: ids and buckets stay strings until used."""
+    state = AccountState.new()
+    for i in range(5_000):
+        assert state.apply(txn(f"t{i}", NOW + i * 700, merchant=f"m{i % 300}"), 0, i, RETENTION)
+    state.prune(NOW + 3_600_000, NOW + 3_600_000, RETENTION)
+    data = orjson.loads(state.encode())
+    assert isinstance(data["s"], str)
+    assert len(data["s"]) == 5_000 * ID_RECORD
+    assert all(isinstance(b, str) for buckets in data["w"] for b in buckets.values())
+    copy = AccountState.decode(state.encode())
+    assert copy.window("1h", NOW).count == 5_000
+    assert len(copy.window("1d", NOW).merchants) == 300
+    assert copy.rolling(DAY, NOW + 3_600_000).count == 5_000
+    for i in range(0, 5_000, 97):  # every id is still recognised after the round trip
+        assert copy.apply(txn(f"t{i}", NOW + i * 700), 0, 10_000 + i, RETENTION) is False
+    assert copy.apply(txn("t-new", NOW), 0, 20_000, RETENTION) is True
+
+
+def test_changes_after_decode_reach_the_sealed_buckets() -> None:
+    state = AccountState.new()
+    state.apply(txn("a", NOW + 1, 10, "m1"), 0, 1, RETENTION)
+    copy = AccountState.decode(state.encode())
+    copy.apply(txn("b", NOW + 2, 5, "m2"), 0, 2, RETENTION)
+    again = AccountState.decode(copy.encode())
+    agg = again.window("1m", NOW)
+    assert (agg.count, agg.merchants, agg.currencies["USD"].total) == (2, {"m1", "m2"}, 15)
+    assert again.bucket("1d", NOW) == [2, NOW + 1, NOW + 2, ["m1", "m2"], {"USD": [2, 15, 5, 10]}]
+
+
+def test_id_reused_after_the_span_replaces_its_record() -> None:
+    state = AccountState.new()
+    assert state.apply(txn("x", NOW), 0, 1, RETENTION)
+    state.prune(NOW, NOW, RETENTION)
+    assert state.apply(txn("x", NOW + DAY), 0, 2, RETENTION) is True  # a day apart: new
+    assert state.apply(txn("x", NOW + DAY + 5), 0, 3, RETENTION) is False
+    state.prune(NOW + DAY, NOW + 10, RETENTION)
+    assert len(state.data["s"]) == ID_RECORD
+    assert state.apply(txn("x", NOW + 2 * DAY - 1), 0, 4, RETENTION) is False
+
+
+def test_late_event_id_is_kept_until_its_seen_time_passes_the_span() -> None:
+    state = AccountState.new()
+    state.apply(txn("new", NOW + 2 * DAY), 0, 1, RETENTION)
+    state.apply(txn("late", NOW), 0, 2, RETENTION)  # event time already past the span
+    state.prune(NOW, NOW + 2 * DAY, RETENTION)
+    assert state.remembers("late")
+    state.prune(NOW, NOW + 3 * DAY + 1, RETENTION)
+    assert not state.remembers("late")
+    assert state.remembers("new")  # seen as long ago, but its event time is recent
+
+
+def test_digest_inside_time_fields_is_not_a_record() -> None:
+    """A digest can appear across field boundaries; only record offsets count."""
+    first = "1" * 32 + "0" * 24
+    second = "0" * 8 + "2" * 24 + "0" * 24
+    records = first + second
+    assert records.find("0" * 32) == 32
+    assert state_module._find_record(records, "0" * 32) == -1
+    assert state_module._find_record(records, "0" * 8 + "2" * 24) == ID_RECORD
+
+
+def test_value_in_the_earlier_layout_is_read_and_upgraded() -> None:
+    """Ids as ``{id: [event, seen]}``, buckets as lists, merchants in arrival order."""
+    old = {
+        "o": [7, -1],
+        "v": 2,
+        "w": [
+            {str(NOW): [2, NOW + 1, NOW + 2, ["m9", "m1"], {"USD": [2, 15, 5, 10]}]},
+            {str(NOW): [2, NOW + 1, NOW + 2, ["m9", "m1"], {"USD": [2, 15, 5, 10]}]},
+            {str(NOW): [2, NOW + 1, NOW + 2, ["m9", "m1"], {"USD": [2, 15, 5, 10]}]},
+        ],
+        "s": {"a": [NOW + 1, NOW + 100], "b": [NOW + 2, NOW + 100]},
+        "p": {"n": 2, "f": NOW + 1, "l": NOW + 2, "a": {}, "k": [], "c": None},
+        "u": NOW + 100,
+    }
+    state = AccountState.decode(orjson.dumps(old))
+    assert state.remembers("a")
+    assert state.remembers("b")
+    assert state.seen_offset(0, 7)
+    assert state.apply(txn("b", NOW + 3), 0, 8, RETENTION) is False
+    assert state.apply(txn("c", NOW + 3, 1, "m1"), 0, 9, RETENTION) is True
+    assert state.window("1m", NOW).merchants == {"m1", "m9"}  # m1 not counted twice
+    assert state.window("1m", NOW).count == 3
+    assert len(state.data["s"]) == 2 * ID_RECORD  # "c" joins at the next prune
+    state.prune(NOW, NOW + 200, RETENTION)
+    assert len(state.data["s"]) == 3 * ID_RECORD
+    assert id_digest("c") in state.data["s"]
