@@ -123,6 +123,9 @@ class IngestProcessor:
         # Partition of each recently seen account key (murmur2 in pure Python costs more than
         # the lookup); cleared when it grows past a bound, so memory stays flat.
         self._partition_of: dict[bytes, int] = {}
+        # Values of processed batches not yet written to the table (see ``stored``): the next
+        # batch is processed while the previous one is being stored, and reads these first.
+        self.in_flight: dict[tuple[int, bytes], bytes] = {}
 
     def process(self, messages: Sequence[MessageLike], now_ms: int | None = None) -> Batch:
         """Apply one batch to account states in memory; nothing is written yet (see commit)."""
@@ -174,6 +177,15 @@ class IngestProcessor:
         """Write the batch's account values (and their changelog records)."""
         for partition, items in batch.writes.items():
             self.table.write_batch(partition, items)
+        self.stored(batch)
+
+    def stored(self, batch: Batch) -> None:
+        """The batch's values are in the table: later batches read them from there."""
+        in_flight = self.in_flight
+        for partition, items in batch.writes.items():
+            for key, value in items.items():
+                if in_flight.get((partition, key)) is value:  # not replaced by a later batch
+                    del in_flight[(partition, key)]
 
     def _validate(self, msg: MessageLike, now_ms: int, batch: Batch) -> Transaction | None:
         try:
@@ -204,7 +216,9 @@ class IngestProcessor:
         return partition
 
     def _load(self, partition: int, key: bytes) -> AccountState:
-        raw = self.table.read(partition, key)
+        raw = self.in_flight.get((partition, key))
+        if raw is None:
+            raw = self.table.read(partition, key)
         return AccountState.new() if raw is None else AccountState.decode(raw)
 
     def _finish(
@@ -219,7 +233,7 @@ class IngestProcessor:
             partition, key = slot
             state = touched[slot]
             state.prune(now_ms, wall_ms, self.conf.retention)
-            batch.writes.setdefault(partition, {})[key] = state.encode()
-            if windows:
+            if windows:  # before encode, which seals the buckets again
                 batch.snapshots.extend(rows.snapshot_rows(key.decode(), state, windows))
+            batch.writes.setdefault(partition, {})[key] = self.in_flight[slot] = state.encode()
         batch.result.accounts = len(changed)

@@ -11,7 +11,7 @@ from tables.state import AccountState
 from tables.windows import COUNT, CURRENCIES, FIRST, LAST, MERCHANTS, WINDOW_SIZES, window_start
 
 
-@lru_cache(maxsize=16_384)
+@lru_cache(maxsize=1024)
 def _utc(ms: int) -> datetime:
     """Cached: a batch's rows repeat window bounds and, across an event's three windows and
     its transaction row, its event time."""

@@ -7,6 +7,7 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
 from models.alerts import Alert
@@ -202,9 +203,15 @@ def _amount_spike(rule: AmountSpike, prof: Profile, txn: Transaction) -> dict[st
     }
 
 
+@lru_cache(maxsize=1024)
+def _minor(amount: Decimal, currency: str) -> Decimal:
+    """``amount`` (major units) in minor units of ``currency``: compared with integers exactly."""
+    return amount.scaleb(minor_digits(currency) or 0)
+
+
 def _high_value(rule: HighValue, prof: Profile, txn: Transaction) -> dict[str, Any] | None:
     threshold = rule.per_currency.get(txn.currency, rule.threshold)
-    if txn.amount < threshold:
+    if txn.amount_minor < _minor(threshold, txn.currency):
         return None
     return {"amount": str(txn.amount), "currency": txn.currency, "threshold": str(threshold)}
 
@@ -230,8 +237,7 @@ def _rapid_country_change(
 
 def _card_testing(rule: CardTesting, prof: Profile, txn: Transaction) -> dict[str, Any] | None:
     def small(amount_minor: int, currency: str) -> bool:
-        limit = rule.max_amount.scaleb(minor_digits(currency) or 0)
-        return 0 < amount_minor <= limit
+        return 0 < amount_minor <= _minor(rule.max_amount, currency)
 
     if not small(txn.amount_minor, txn.currency):
         return None
