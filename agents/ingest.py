@@ -100,7 +100,7 @@ EXACTLY_ONCE = settings.processing_guarantee == "exactly_once"
 async def ingest() -> None:
     """The ingest loop: batches of raw records in, each acked only after it is stored.
 
-    Order within a batch: database rows, then alerts (acked by the broker), then the table
+    Order within a batch: database rows and alerts (acked by the broker), then the table
     values and their changelog records (acked by the broker), then the source records. A
     crash anywhere replays the batch; every step before the table write is idempotent, and
     records the table already reflects are recognised by their offsets.
@@ -136,10 +136,13 @@ async def ingest() -> None:
 
 async def store(messages: list[Any], batch: Batch) -> None:
     """Write a processed batch everywhere it goes, then ack its source records."""
-    if settings.sink_enabled:
-        await sink.write(batch.txns, batch.snapshots, batch.alerts, batch.rejections)
-    if batch.alerts:
-        await publish_alerts(batch.alerts)
+    # Rows and alerts both go before the table values; they do not depend on each other.
+    await asyncio.gather(
+        sink.write(batch.txns, batch.snapshots, batch.alerts, batch.rejections)
+        if settings.sink_enabled
+        else _nothing(),
+        publish_alerts(batch.alerts) if batch.alerts else _nothing(),
+    )
     if EXACTLY_ONCE:
         processor.commit(batch)  # through Faust's transactional producer
     else:
@@ -153,6 +156,10 @@ async def store(messages: list[Any], batch: Batch) -> None:
         message.ack(consumer)
     metrics.observe_batch(batch.result)
     positions.update(batch.result.positions)
+
+
+async def _nothing() -> None:
+    return None
 
 
 positions: dict[tuple[str, int], int] = {}
