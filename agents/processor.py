@@ -135,6 +135,7 @@ class IngestProcessor:
         touched: dict[tuple[int, bytes], AccountState] = {}
         changed: dict[tuple[int, bytes], set[tuple[str, int]]] = {}
         n = self.partitions
+        applicable: list[tuple[MessageLike, Transaction, tuple[int, bytes], int]] = []
         for msg in messages:
             result.positions[(msg.topic, msg.partition)] = msg.offset + 1
             result.records[msg.topic] = result.records.get(msg.topic, 0) + 1
@@ -150,10 +151,10 @@ class IngestProcessor:
                 self.outputs.forward(msg, key, partition)
                 result.forwarded += 1
                 continue
-            slot = (msg.partition, key)
-            state = touched.get(slot)
-            if state is None:
-                state = touched[slot] = self._load(msg.partition, key)
+            applicable.append((msg, txn, (msg.partition, key), source))
+        touched.update(self._load_all({slot for _, _, slot, _ in applicable}))
+        for msg, txn, slot, source in applicable:
+            state = touched[slot]
             if state.seen_offset(source, msg.offset):
                 result.replayed += 1
                 continue
@@ -215,11 +216,22 @@ class IngestProcessor:
         partition = self._partition_of[key] = key_partition(key, partitions)
         return partition
 
-    def _load(self, partition: int, key: bytes) -> AccountState:
-        raw = self.in_flight.get((partition, key))
-        if raw is None:
-            raw = self.table.read(partition, key)
-        return AccountState.new() if raw is None else AccountState.decode(raw)
+    def _load_all(self, slots: set[tuple[int, bytes]]) -> dict[tuple[int, bytes], AccountState]:
+        """The state of every account slot: in flight, else one multi-get per partition."""
+        states: dict[tuple[int, bytes], AccountState] = {}
+        missing: dict[int, list[bytes]] = {}
+        for slot in slots:
+            raw = self.in_flight.get(slot)
+            if raw is None:
+                missing.setdefault(slot[0], []).append(slot[1])
+            else:
+                states[slot] = AccountState.decode(raw)
+        for partition, keys in missing.items():
+            for key, found in zip(keys, self.table.read_many(partition, keys), strict=True):
+                states[(partition, key)] = (
+                    AccountState.new() if found is None else AccountState.decode(found)
+                )
+        return states
 
     def _finish(
         self,

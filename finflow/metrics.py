@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -76,7 +78,26 @@ def observe_batch(result: BatchResult) -> None:
     for reason, n in result.rejected.items():
         REJECTED.labels(reason).inc(n)
     now = time.time()
-    for sent in result.sent_s:
-        PRODUCE_TO_APPLY.observe(max(0.0, now - sent))
-    for ms in result.event_ms:
-        EVENT_TIME_LAG.observe(max(0.0, now - ms / 1000))
+    observe_many(PRODUCE_TO_APPLY, [max(0.0, now - sent) for sent in result.sent_s])
+    observe_many(EVENT_TIME_LAG, [max(0.0, now - ms / 1000) for ms in result.event_ms])
+
+
+def observe_many(histogram: Histogram, values: Iterable[float]) -> None:
+    """``histogram.observe(v)`` for every value, as one increment per bucket and one of the sum.
+
+    Two observations per record were ~2 % of a worker's time (a lock and a bucket scan each).
+    This uses prometheus-client's unlabelled-histogram internals (``_upper_bounds``,
+    ``_buckets``, ``_sum``; pinned version, checked against ``observe`` by a unit test).
+    """
+    bounds: list[float] = histogram._upper_bounds
+    counts = [0] * len(bounds)
+    total = 0.0
+    for value in values:
+        counts[bisect_left(bounds, value)] += 1  # the first bound >= value, as observe picks
+        total += value
+    if not total and not any(counts):
+        return
+    for index, count in enumerate(counts):
+        if count:
+            histogram._buckets[index].inc(count)
+    histogram._sum.inc(total)

@@ -33,8 +33,8 @@ class DictTable:
 
     data: dict[bytes, bytes] = field(default_factory=dict)
 
-    def read(self, partition: int, key: bytes) -> bytes | None:
-        return self.data.get(key)
+    def read_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
+        return [self.data.get(key) for key in keys]
 
     def write_batch(self, partition: int, items: Mapping[bytes, bytes]) -> None:
         self.data.update(items)
