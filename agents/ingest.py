@@ -137,12 +137,14 @@ async def ingest() -> None:
 async def store(messages: list[Any], batch: Batch) -> None:
     """Write a processed batch everywhere it goes, then ack its source records."""
     # Rows and alerts both go before the table values; they do not depend on each other.
-    await asyncio.gather(
-        sink.write(batch.txns, batch.snapshots, batch.alerts, batch.rejections)
-        if settings.sink_enabled
-        else _nothing(),
-        publish_alerts(batch.alerts) if batch.alerts else _nothing(),
-    )
+    before_values = []
+    if settings.sink_enabled:
+        before_values.append(
+            sink.write(batch.txns, batch.snapshots, batch.alerts, batch.rejections)
+        )
+    if batch.alerts:
+        before_values.append(publish_alerts(batch.alerts))
+    await asyncio.gather(*before_values)
     if EXACTLY_ONCE:
         processor.commit(batch)  # through Faust's transactional producer
     else:
@@ -156,10 +158,6 @@ async def store(messages: list[Any], batch: Batch) -> None:
         message.ack(consumer)
     metrics.observe_batch(batch.result)
     positions.update(batch.result.positions)
-
-
-async def _nothing() -> None:
-    return None
 
 
 positions: dict[tuple[str, int], int] = {}

@@ -132,7 +132,6 @@ class IngestProcessor:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         batch = Batch(BatchResult())
         result = batch.result
-        touched: dict[tuple[int, bytes], AccountState] = {}
         changed: dict[tuple[int, bytes], set[tuple[str, int]]] = {}
         n = self.partitions
         applicable: list[tuple[MessageLike, Transaction, tuple[int, bytes], int]] = []
@@ -152,7 +151,7 @@ class IngestProcessor:
                 result.forwarded += 1
                 continue
             applicable.append((msg, txn, (msg.partition, key), source))
-        touched.update(self._load_all({slot for _, _, slot, _ in applicable}))
+        touched = self._load_all({slot for _, _, slot, _ in applicable})
         for msg, txn, slot, source in applicable:
             state = touched[slot]
             if state.seen_offset(source, msg.offset):

@@ -156,9 +156,8 @@ class AccountState:
 
     def add(self, txn: Transaction) -> None:
         """Count an accepted transaction in its windows and the profile."""
-        ms = txn.event_ms
         for size, buckets in zip(_SIZES, self.data["w"], strict=True):
-            key = str(ms - ms % size)
+            key = str(windows.window_start(txn.event_ms, size))
             bucket = buckets.get(key)
             if bucket is None:
                 bucket = buckets[key] = windows.new_bucket()
