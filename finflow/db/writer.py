@@ -102,7 +102,8 @@ ON CONFLICT (account_id, window_size, window_start) DO UPDATE SET
     distinct_merchants = EXCLUDED.distinct_merchants, first_event_at = EXCLUDED.first_event_at,
     last_event_at = EXCLUDED.last_event_at, currencies = EXCLUDED.currencies,
     version = EXCLUDED.version, updated_at = now()
-WHERE finflow.window_snapshots.version <= EXCLUDED.version
+WHERE (finflow.window_snapshots.count, finflow.window_snapshots.version)
+    <= (EXCLUDED.count, EXCLUDED.version)
 """
 # Sorted so that two writers touching the same keys lock them in the same order.
 _INSERT_TXN = f"""
@@ -110,12 +111,17 @@ INSERT INTO finflow.transactions ({_TXN_COLS})
 SELECT {_TXN_COLS} FROM pg_temp.finflow_stage_txn ORDER BY account_id, transaction_id
 ON CONFLICT DO NOTHING
 """  # noqa: S608 - constant column lists
-# DISTINCT ON: one row per key (the newest version); DO UPDATE cannot touch a row twice.
+# DISTINCT ON: one row per key (the newest); DO UPDATE cannot touch a row twice. Newest is
+# the most events in the window, then the highest account version: a window's count only
+# grows, while the account version at which a window reaches it depends on the order in
+# which a worker applied the account's events (two source topics; after a crash or a
+# rebalance another worker may interleave them differently), so a stale snapshot can carry
+# a higher version than the complete one.
 _INSERT_SNAP = f"""
 INSERT INTO finflow.window_snapshots ({_SNAP_COLS})
 SELECT DISTINCT ON (account_id, window_size, window_start) {_SNAP_COLS}
 FROM pg_temp.finflow_stage_snap
-ORDER BY account_id, window_size, window_start, version DESC
+ORDER BY account_id, window_size, window_start, count DESC, version DESC
 {_UPSERT_SNAP}"""  # noqa: S608 - constant column lists
 _ONE_TXN = f"""
 INSERT INTO finflow.transactions ({_TXN_COLS})

@@ -87,11 +87,23 @@ async def test_the_same_batch_twice_stores_every_row_once(migrated: Conn) -> Non
 
 async def test_an_older_snapshot_never_overwrites_a_newer_one(migrated: Conn) -> None:
     await write_batch(migrated, [], [snap(1, version=5)])
-    await write_batch(migrated, [], [snap(1, version=4, count=999)])
+    await write_batch(migrated, [], [snap(1, version=4)])
+    await write_batch(migrated, [], [snap(1, version=9, count=4)])  # fewer events: older
     assert await rows(migrated, SNAP_SELECT) == [as_row(snap(1, version=5))]
     await write_batch(migrated, [], [snap(1, version=5, distinct_merchants=2)])
     await write_batch(migrated, [], [snap(1, version=6)])
     assert await rows(migrated, SNAP_SELECT) == [as_row(snap(1, version=6))]
+
+
+async def test_more_events_in_the_window_win_over_a_higher_account_version(
+    migrated: Conn,
+) -> None:
+    """A worker that crashed wrote the window after 1 of its events at account version 4;
+    the worker replaying the account applied the window's 2 events first (its by-account
+    records came later) and writes it complete at version 2: the complete window wins."""
+    await write_batch(migrated, [], [snap(1, version=4, count=1)])
+    await write_batch(migrated, [], [snap(1, version=2, count=2)])
+    assert await rows(migrated, SNAP_SELECT) == [as_row(snap(1, version=2, count=2))]
 
 
 async def test_one_batch_with_several_versions_of_a_window_keeps_the_newest(
