@@ -104,34 +104,20 @@ async def ingest() -> None:
     values and their changelog records (acked by the broker), then the source records. A
     crash anywhere replays the batch; every step before the table write is idempotent, and
     records the table already reflects are recognised by their offsets.
-
-    Batches are stored one at a time and in order, but the next batch is processed while
-    the previous one is being stored (the worker computes while the database and the broker
-    work); it reads the values still being stored from ``processor.in_flight``. Under
-    ``exactly_once`` each batch is stored before the next is taken.
     """
     within = min(settings.batch_within_ms, settings.sink_max_delay_ms) / 1000
     eager_delivery(app.consumer)
-    storing: asyncio.Future[None] | None = None
-    try:
-        while not app.should_stop:
-            messages = await ingest_topic.take(settings.batch_size, within)
-            if storing is not None and (messages or storing.done()):
-                await storing  # the previous batch: stored (or its error raised) first
-                storing = None
-            if not messages:
-                continue
-            batch = processor.process(messages)
-            storing = asyncio.ensure_future(store(messages, batch))
-            if EXACTLY_ONCE:
-                await storing
-                storing = None
-        if storing is not None:
-            await storing
-    except Exception as exc:
-        # Nothing of the failed batch (or any later one) is acked: a restart replays it.
-        app.log.exception("ingest failed: %r", exc)
-        await app.crash(exc)
+    while not app.should_stop:
+        messages = await ingest_topic.take(settings.batch_size, within)
+        if not messages:
+            continue
+        try:
+            await store(messages, processor.process(messages))
+        except Exception as exc:
+            # Nothing of this batch is acked: a restart replays it. Stop loudly.
+            app.log.exception("ingest failed: %r", exc)
+            await app.crash(exc)
+            return
 
 
 async def store(messages: list[Any], batch: Batch) -> None:
@@ -151,7 +137,6 @@ async def store(messages: list[Any], batch: Batch) -> None:
         await asyncio.gather(
             *(accounts.write_batch_acked(p, items) for p, items in batch.writes.items())
         )
-        processor.stored(batch)
     await cache.publish(batch.writes)  # queued for a background writer; never blocks
     consumer = app.consumer
     for message in messages:

@@ -123,9 +123,6 @@ class IngestProcessor:
         # Partition of each recently seen account key (murmur2 in pure Python costs more than
         # the lookup); cleared when it grows past a bound, so memory stays flat.
         self._partition_of: dict[bytes, int] = {}
-        # Values of processed batches not yet written to the table (see ``stored``): the next
-        # batch is processed while the previous one is being stored, and reads these first.
-        self.in_flight: dict[tuple[int, bytes], bytes] = {}
 
     def process(self, messages: Sequence[MessageLike], now_ms: int | None = None) -> Batch:
         """Apply one batch to account states in memory; nothing is written yet (see commit)."""
@@ -177,15 +174,6 @@ class IngestProcessor:
         """Write the batch's account values (and their changelog records)."""
         for partition, items in batch.writes.items():
             self.table.write_batch(partition, items)
-        self.stored(batch)
-
-    def stored(self, batch: Batch) -> None:
-        """The batch's values are in the table: later batches read them from there."""
-        in_flight = self.in_flight
-        for partition, items in batch.writes.items():
-            for key, value in items.items():
-                if in_flight.get((partition, key)) is value:  # not replaced by a later batch
-                    del in_flight[(partition, key)]
 
     def _validate(self, msg: MessageLike, now_ms: int, batch: Batch) -> Transaction | None:
         try:
@@ -216,16 +204,12 @@ class IngestProcessor:
         return partition
 
     def _load_all(self, slots: set[tuple[int, bytes]]) -> dict[tuple[int, bytes], AccountState]:
-        """The state of every account slot: in flight, else one multi-get per partition."""
+        """The state of every account slot: one RocksDB multi-get per partition."""
+        keys_of: dict[int, list[bytes]] = {}
+        for partition, key in slots:
+            keys_of.setdefault(partition, []).append(key)
         states: dict[tuple[int, bytes], AccountState] = {}
-        missing: dict[int, list[bytes]] = {}
-        for slot in slots:
-            raw = self.in_flight.get(slot)
-            if raw is None:
-                missing.setdefault(slot[0], []).append(slot[1])
-            else:
-                states[slot] = AccountState.decode(raw)
-        for partition, keys in missing.items():
+        for partition, keys in keys_of.items():
             for key, found in zip(keys, self.table.read_many(partition, keys), strict=True):
                 states[(partition, key)] = (
                     AccountState.new() if found is None else AccountState.decode(found)
@@ -246,5 +230,5 @@ class IngestProcessor:
             state.prune(now_ms, wall_ms, self.conf.retention)
             if windows:  # before encode, which seals the buckets again
                 batch.snapshots.extend(rows.snapshot_rows(key.decode(), state, windows))
-            batch.writes.setdefault(partition, {})[key] = self.in_flight[slot] = state.encode()
+            batch.writes.setdefault(partition, {})[key] = state.encode()
         batch.result.accounts = len(changed)

@@ -1,4 +1,4 @@
-"""IngestProcessor: a batch processed while the previous one is still being stored."""
+"""IngestProcessor: batches build on committed values; one multi-get per partition."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from agents.processor import Batch, IngestProcessor, Outputs, key_partition
+from agents.processor import IngestProcessor, Outputs, key_partition
 from finflow.settings import from_env
 from tables.state import AccountState
 
@@ -68,46 +68,39 @@ def stored_count(table: DictTable, account: str = "acc-1") -> int:
     return AccountState.decode(table.data[account.encode()]).version
 
 
-def store(proc: IngestProcessor, table: DictTable, batch: Batch) -> None:
-    for partition, items in batch.writes.items():
-        table.write_batch(partition, items)
-    proc.stored(batch)
-
-
-def test_next_batch_reads_values_still_being_stored() -> None:
+def test_each_batch_builds_on_the_committed_values() -> None:
     table = DictTable()
     proc = processor(table)
-    first = proc.process([record(0, "t0"), record(1, "t1")], now_ms=NOW)
-    # not stored yet: the second batch must build on the first, not on the empty table
+    proc.commit(proc.process([record(0, "t0"), record(1, "t1")], now_ms=NOW))
     second = proc.process([record(2, "t2"), record(3, "t1")], now_ms=NOW)
     assert (second.result.accepted, second.result.duplicates) == (1, 1)
-    store(proc, table, first)
-    assert stored_count(table) == 2
-    assert proc.in_flight  # the second batch's value is still in flight
-    store(proc, table, second)
+    proc.commit(second)
     assert stored_count(table) == 3
-    assert proc.in_flight == {}
 
 
-def test_redelivered_records_of_an_in_flight_batch_are_recognised() -> None:
+def test_redelivered_records_are_recognised_by_offset() -> None:
     table = DictTable()
     proc = processor(table)
-    proc.process([record(0, "t0"), record(1, "t1")], now_ms=NOW)
+    proc.commit(proc.process([record(0, "t0"), record(1, "t1")], now_ms=NOW))
     again = proc.process([record(1, "t1"), record(2, "t2")], now_ms=NOW)
     assert (again.result.replayed, again.result.accepted) == (1, 1)
 
 
-def test_storing_an_older_batch_keeps_the_newer_value_in_flight() -> None:
-    table = DictTable()
+def test_accounts_of_a_batch_are_loaded_once_each() -> None:
+    reads: list[tuple[int, list[bytes]]] = []
+
+    class CountingTable(DictTable):
+        def read_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
+            reads.append((partition, sorted(keys)))
+            return super().read_many(partition, keys)
+
+    table = CountingTable()
     proc = processor(table)
-    first = proc.process([record(0, "t0"), record(0, "u0", account="acc-2")], now_ms=NOW)
-    second = proc.process([record(1, "t1")], now_ms=NOW)
-    store(proc, table, first)
-    slot = (record(1, "t1").partition, b"acc-1")
-    assert proc.in_flight == {slot: second.writes[slot[0]][b"acc-1"]}
-    third = proc.process([record(2, "t2")], now_ms=NOW)
-    assert third.result.accepted == 1
-    store(proc, table, second)
-    store(proc, table, third)
-    assert stored_count(table) == 3
-    assert stored_count(table, "acc-2") == 1
+    accounts = [f"acc-{i}" for i in range(12)]
+    batch = proc.process(
+        [record(i, f"t{i}", account=accounts[i % 12]) for i in range(60)], now_ms=NOW
+    )
+    assert batch.result.accepted == 60
+    loaded = [key for _, keys in reads for key in keys]
+    assert sorted(loaded) == sorted(a.encode() for a in accounts)
+    assert len(reads) == len({partition for partition, _ in reads})  # one call per partition
