@@ -23,12 +23,7 @@ class PartitionedTable(faust.Table):
 
     def read(self, partition: int, key: bytes) -> bytes | None:
         """Value of ``key`` in ``partition``'s local store, or None."""
-        store: Any = self.data
-        if isinstance(store, rocksdb.Store):
-            value: bytes | None = store._db_for_partition(partition).get(key)
-            return value
-        found: bytes | None = store.data.get(key)
-        return found
+        return self.read_many(partition, [key])[0]
 
     def read_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
         """Values of ``keys`` in ``partition``'s local store (None where missing), in order:
