@@ -173,7 +173,7 @@ async def publish_alerts(alerts: list[Alert]) -> None:
 
 @app.timer(5.0)
 async def report_progress() -> None:
-    """Consumer lag per partition, readiness and recovery progress as gauges."""
+    """Consumer lag per partition, recovery progress and RocksDB memory as gauges."""
     assigned = app.consumer.assignment()
     for (topic, partition), position in list(positions.items()):
         tp = TP(topic, partition)
@@ -186,3 +186,5 @@ async def report_progress() -> None:
             metrics.LAG.labels(topic, str(partition)).set(max(0, highwater - position))
     recovery = app.tables.recovery  # type: ignore[attr-defined]
     metrics.RECOVERY_REMAINING.set(recovery.active_remaining_total())
+    for kind, size in accounts.memory().items():
+        metrics.ROCKSDB_MEMORY.labels(kind).set(size)

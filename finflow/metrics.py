@@ -32,6 +32,12 @@ EVENT_TIME_LAG = Histogram(
     buckets=(*_LATENCY, 300, 3600, 86400),
 )
 RECOVERY_REMAINING = Gauge("finflow_table_recovery_remaining", "Changelog records left to recover")
+ROCKSDB_MEMORY = Gauge(
+    "finflow_rocksdb_memory_bytes",
+    "Native memory of the table's RocksDB partitions, by kind (memtables, block_cache, "
+    "table_readers: index and filter blocks outside the cache)",
+    ["kind"],
+)
 READY = Gauge("finflow_ready", "1 when partitions are assigned and tables recovered")
 SINK_BATCHES = Counter("finflow_sink_batches", "Batches committed to the database")
 SINK_ROWS = Counter("finflow_sink_rows", "Rows committed to the database", ["table"])

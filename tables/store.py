@@ -17,6 +17,13 @@ from faust.stores import rocksdb
 from faust.types import TP
 from rocksdict import WriteBatch
 
+#: RocksDB's own accounting of the memory it holds, per database.
+ROCKSDB_MEMORY_PROPERTIES = {
+    "memtables": "rocksdb.size-all-mem-tables",
+    "block_cache": "rocksdb.block-cache-usage",
+    "table_readers": "rocksdb.estimate-table-readers-mem",
+}
+
 
 class PartitionedTable(faust.Table):
     """Table with raw ``bytes`` keys and values, read and written for a given partition."""
@@ -33,6 +40,18 @@ class PartitionedTable(faust.Table):
             values: list[bytes | None] = store._db_for_partition(partition).get(keys)
             return values
         return [store.data.get(key) for key in keys]
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of native memory the open RocksDB partitions hold, by kind (empty for the
+        in-memory store)."""
+        store: Any = self.data
+        if not isinstance(store, rocksdb.Store):
+            return {}
+        totals = dict.fromkeys(ROCKSDB_MEMORY_PROPERTIES, 0)
+        for db in list(store._dbs.values()):
+            for kind, name in ROCKSDB_MEMORY_PROPERTIES.items():
+                totals[kind] += db.property_int_value(name) or 0
+        return totals
 
     def write_batch(self, partition: int, items: Mapping[bytes, bytes]) -> None:
         """Store ``items`` in ``partition`` and send one changelog record per key."""

@@ -192,9 +192,24 @@ def reads_table(results: Mapping[str, Any]) -> str:
 def summary(results: Mapping[str, Any]) -> str:
     """Memory, recovery and machine load under the table."""
     rss, rec, machine = results["rss"], results["recovery"], results["machine"]
-    lines = [
+    lines: list[str] = []
+    warm = results.get("warmup")
+    if warm and warm["rss"]:
+        lines.append(
+            f"worker RSS during the {warm['seconds']:.0f} s warm-up (not measured):"
+            f" {warm['rss']['start_mb']:.0f} -> {warm['rss']['end_mb']:.0f} MB"
+        )
+    lines.append(
         f"worker RSS over the sustained phases: {rss['start_mb']:.0f} -> {rss['end_mb']:.0f} MB"
-        f" (max {rss['max_mb']:.0f}, {rss['slope_mb_per_min']:+.1f} MB/min)",
+        f" (max {rss['max_mb']:.0f}, {rss['slope_mb_per_min']:+.1f} MB/min)"
+    )
+    rocks = results.get("rocksdb_memory")
+    if rocks:
+        lines.append(
+            f"  of which RocksDB (memtables, block cache, table readers):"
+            f" {rocks['start_mb']:.0f} -> {rocks['end_mb']:.0f} MB (max {rocks['max_mb']:.0f})"
+        )
+    lines += [
         f"recovery after kill -9: /readyz 200 after {rec['start_to_ready_s']:.1f} s, of which"
         f" {rec['changelog_read_s']:.1f} s reading {rec['changelog_records']:,} changelog records"
         f" ({rec['changelog_records_per_s']:,.0f}/s)",

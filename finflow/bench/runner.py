@@ -47,7 +47,12 @@ METHODS = {
     "backing off to 5 % of the wait, at most 200 ms)",
     "consumer_lag": "sum of finflow_consumer_lag, sampled every second (the worker refreshes "
     "it every 5 s)",
+    "warmup": "before the sustained phases, warmup_seconds at the middle rate, not measured: "
+    "the worker's bounded caches (RocksDB block cache, memtables) fill, so the phases' memory "
+    "figures are steady state; its own RSS trend is kept",
     "rss": "VmRSS of the worker process every second over the sustained phases",
+    "rocksdb_memory": "sum of finflow_rocksdb_memory_bytes (memtables, block cache, table "
+    "readers of the worker's RocksDB partitions) every second over the sustained phases",
     "recovery": "kill -9 of the storage-off worker after its stream, restart with nothing "
     "deleted; start to /readyz 200, and Faust's changelog read time from its log",
     "reads": "a fresh broker and database; one worker with storage and the Redis cache on "
@@ -210,7 +215,9 @@ class Run:
                         worker.stop()
 
     async def _phases(self, worker: Worker, http: aiohttp.ClientSession, capacity: float) -> None:
-        phases, rss = [], []
+        if self.conf.warmup_s > 0:
+            await self._warmup(worker, http, capacity)
+        phases, rss, rocks = [], [], []
         for i, fraction in enumerate(self.conf.rates_fraction):
             rate = capacity * fraction
             seconds = self.conf.sustain_s
@@ -227,10 +234,38 @@ class Run:
                 t0=self.t0,
             )
             result["rss"] = report.trend(samples.rss)
+            result["rocksdb_memory"] = report.trend(samples.rocksdb)
             phases.append(result)
             rss.extend(samples.rss)
+            rocks.extend(samples.rocksdb)
         self.extra["sustained"] = phases
         self.extra["rss"] = report.trend(rss)
+        self.extra["rocksdb_memory"] = report.trend(rocks)
+
+    async def _warmup(self, worker: Worker, http: aiohttp.ClientSession, capacity: float) -> None:
+        """Unmeasured load at the middle rate until the worker's bounded caches are full."""
+        fractions = sorted(self.conf.rates_fraction)
+        fraction = fractions[len(fractions) // 2]
+        seconds = self.conf.warmup_s
+        self.say(f"warm-up (not measured): {capacity * fraction:,.0f}/s for {seconds:.0f} s")
+        result, samples = await sustain.phase(
+            worker,
+            http,
+            fraction=fraction,
+            rate=capacity * fraction,
+            seconds=seconds,
+            accounts=self.conf.accounts,
+            seed=self.conf.seed + 99,
+            marker_interval=self.conf.marker_interval_s,
+            t0=self.t0,
+        )
+        self.extra["warmup"] = {
+            "fraction": fraction,
+            "seconds": seconds,
+            "msg_per_s": result["msg_per_s"],
+            "rss": report.trend(samples.rss),
+            "rocksdb_memory": report.trend(samples.rocksdb),
+        }
 
     async def _recovery(self, worker: Worker, http: aiohttp.ClientSession) -> dict[str, Any]:
         """kill -9 after the stream, delete nothing, restart: seconds until /readyz is 200."""
@@ -266,6 +301,7 @@ class Run:
                 "partitions": self.conf.partitions,
                 "rates_fraction": list(self.conf.rates_fraction),
                 "sustain_seconds": self.conf.sustain_s,
+                "warmup_seconds": self.conf.warmup_s,
                 "smoke": self.conf.smoke,
                 "event_span_s": EVENT_SPAN_S,
                 "disorder_ms": DISORDER_MS,

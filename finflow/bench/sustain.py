@@ -21,6 +21,7 @@ from finflow.settings import BrokerSecurity
 
 LATENCY = "finflow_produce_to_apply_seconds"
 LAG = "finflow_consumer_lag"
+ROCKSDB = "finflow_rocksdb_memory_bytes"
 SAMPLE_S = 1.0
 MARKER_POLL_S = 0.02
 MARKER_POLL_MAX_S = 0.2
@@ -34,6 +35,7 @@ class Samples:
 
     lag: list[tuple[float, float]] = field(default_factory=list)
     rss: list[tuple[float, float]] = field(default_factory=list)
+    rocksdb: list[tuple[float, float]] = field(default_factory=list)  # MB, all kinds
     readable: list[float] = field(default_factory=list)
     markers_sent: int = 0
     markers_missing: int = 0
@@ -48,6 +50,7 @@ async def _sample(worker: Worker, http: aiohttp.ClientSession, out: Samples, t0:
         with contextlib.suppress(aiohttp.ClientError):
             scrape = await worker.scrape(http)
             out.lag.append((now, scrape.total(LAG)))
+            out.rocksdb.append((now, scrape.total(ROCKSDB) / 1e6))
         await asyncio.sleep(SAMPLE_S)
 
 

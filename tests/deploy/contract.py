@@ -36,7 +36,15 @@ COUNTERS = frozenset(
         "finflow_http_requests_total",
     }
 )
-GAUGES = frozenset({"finflow_consumer_lag", "finflow_table_recovery_remaining", "finflow_ready"})
+GAUGES = frozenset(
+    {
+        "finflow_consumer_lag",
+        "finflow_table_recovery_remaining",
+        "finflow_ready",
+        "finflow_rocksdb_memory_bytes",
+        "process_resident_memory_bytes",  # prometheus-client's process collector
+    }
+)
 HISTOGRAMS = frozenset(
     {
         "finflow_produce_to_apply_seconds",

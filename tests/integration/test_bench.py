@@ -121,6 +121,14 @@ def test_memory_and_recovery(smoke: tuple[subprocess.CompletedProcess[str], Any]
     assert finite(rss["slope_mb_per_min"])
     for phase in results["sustained"]:
         assert positive(phase["rss"]["max_mb"])
+        assert positive(phase["rocksdb_memory"]["max_mb"])  # the worker's gauge, scraped
+    rocks = results["rocksdb_memory"]
+    assert positive(rocks["max_mb"])
+    assert rocks["max_mb"] < rss["max_mb"]  # a part of the process's memory
+    warmup = results["warmup"]
+    assert warmup["seconds"] == results["config"]["warmup_seconds"] > 0
+    assert positive(warmup["msg_per_s"])
+    assert positive(warmup["rss"]["start_mb"])
     recovery = results["recovery"]
     for key in ("changelog_records", "start_to_healthz_s", "start_to_ready_s", "changelog_read_s"):
         assert positive(recovery[key]), (key, recovery)
