@@ -25,11 +25,12 @@ class BenchConfig:
     rates_fraction: tuple[float, ...] = (0.25, 0.5, 0.8)
     sustain_s: float = 100.0  # 3 rates: a 5-minute sustained run for the RSS figure
     #: Before the sustained phases, unmeasured: the worker's bounded caches (RocksDB block
-    #: cache and memtables, ~70-90 MB at 4 partitions) fill, so the phases' RSS is steady state.
-    warmup_s: float = 60.0
+    #: cache and memtables, ~70-90 MB at 4 partitions) fill, so the phases' RSS is steady state
+    #: (measured: the block cache is full ~40-50 s into the middle rate).
+    warmup_s: float = 45.0
     #: Each throughput contender is timed until it has applied the whole stream or for this
     #: long after its first record, whichever comes first (keeps a full run under 15 min).
-    measure_s: float = 90.0
+    measure_s: float = 60.0
     smoke: bool = False
     quix: bool = True
     out: Path = Path("bench-results/bench.json")
@@ -97,14 +98,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--warmup-seconds",
         type=float,
         default=None,
-        help="unmeasured load before the sustained phases (60; --smoke: 1)",
+        help="unmeasured load before the sustained phases (45; --smoke: 1)",
     )
     parser.add_argument(
         "--measure-seconds",
         type=float,
         default=None,
         help="time each throughput contender until the stream is applied or this long "
-        "(90; --smoke: 5)",
+        "(60; --smoke: 5)",
     )
     parser.add_argument(
         "--smoke",
@@ -140,7 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def from_args(args: argparse.Namespace, project_root: Path) -> BenchConfig:
     """Explicit options win; ``--smoke`` only changes the defaults."""
     smoke = bool(args.smoke)
-    defaults = (20_000, 2_000, 5.0, 5.0) if smoke else (500_000, 100_000, 100.0, 90.0)
+    defaults = (20_000, 2_000, 5.0, 5.0) if smoke else (500_000, 100_000, 100.0, 60.0)
     reads = (5_000, 500, 1.0) if smoke else (40_000, 2_000, 8.0)
     return BenchConfig(
         transactions=args.transactions or defaults[0],
@@ -148,7 +149,7 @@ def from_args(args: argparse.Namespace, project_root: Path) -> BenchConfig:
         partitions=args.partitions,
         rates_fraction=args.rates_fraction or (0.25, 0.5, 0.8),
         sustain_s=args.sustain_seconds or defaults[2],
-        warmup_s=(1.0 if smoke else 60.0) if args.warmup_seconds is None else args.warmup_seconds,
+        warmup_s=(1.0 if smoke else 45.0) if args.warmup_seconds is None else args.warmup_seconds,
         measure_s=args.measure_seconds or defaults[3],
         smoke=smoke,
         quix=not (smoke or args.no_quix),
