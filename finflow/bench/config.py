@@ -25,7 +25,7 @@ class BenchConfig:
     rates_fraction: tuple[float, ...] = (0.25, 0.5, 0.8)
     sustain_s: float = 100.0  # 3 rates: a 5-minute sustained run for the RSS figure
     #: Before the sustained phases, unmeasured: the worker's bounded caches (RocksDB block
-    #: cache and memtables, ~70-90 MB at 4 partitions) fill, so the phases' RSS is steady state
+    #: cache and memtables, ~85-100 MB at 4 partitions) fill, so the phases' RSS is steady state
     #: (measured: the block cache is full ~40-50 s into the middle rate).
     warmup_s: float = 45.0
     #: Each throughput contender is timed until it has applied the whole stream or for this

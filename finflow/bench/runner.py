@@ -216,22 +216,24 @@ class Run:
 
     async def _phases(self, worker: Worker, http: aiohttp.ClientSession, capacity: float) -> None:
         if self.conf.warmup_s > 0:
-            await self._warmup(worker, http, capacity)
+            fractions = sorted(self.conf.rates_fraction)
+            fraction = fractions[len(fractions) // 2]  # the middle rate
+            self.say(f"warm-up (not measured): {capacity * fraction:,.0f}/s")
+            result, samples = await self._load(
+                worker, http, fraction, capacity, self.conf.warmup_s, self.conf.seed + 99
+            )
+            self.extra["warmup"] = {
+                "fraction": fraction,
+                "seconds": self.conf.warmup_s,
+                "msg_per_s": result["msg_per_s"],
+                "rss": report.trend(samples.rss),
+                "rocksdb_memory": report.trend(samples.rocksdb),
+            }
         phases, rss, rocks = [], [], []
         for i, fraction in enumerate(self.conf.rates_fraction):
-            rate = capacity * fraction
-            seconds = self.conf.sustain_s
-            self.say(f"sustained {fraction:.0%} of capacity: {rate:,.0f}/s for {seconds:.0f} s")
-            result, samples = await sustain.phase(
-                worker,
-                http,
-                fraction=fraction,
-                rate=rate,
-                seconds=seconds,
-                accounts=self.conf.accounts,
-                seed=self.conf.seed + 100 + i,
-                marker_interval=self.conf.marker_interval_s,
-                t0=self.t0,
+            self.say(f"sustained {fraction:.0%} of capacity: {capacity * fraction:,.0f}/s")
+            result, samples = await self._load(
+                worker, http, fraction, capacity, self.conf.sustain_s, self.conf.seed + 100 + i
             )
             result["rss"] = report.trend(samples.rss)
             result["rocksdb_memory"] = report.trend(samples.rocksdb)
@@ -242,30 +244,27 @@ class Run:
         self.extra["rss"] = report.trend(rss)
         self.extra["rocksdb_memory"] = report.trend(rocks)
 
-    async def _warmup(self, worker: Worker, http: aiohttp.ClientSession, capacity: float) -> None:
-        """Unmeasured load at the middle rate until the worker's bounded caches are full."""
-        fractions = sorted(self.conf.rates_fraction)
-        fraction = fractions[len(fractions) // 2]
-        seconds = self.conf.warmup_s
-        self.say(f"warm-up (not measured): {capacity * fraction:,.0f}/s for {seconds:.0f} s")
-        result, samples = await sustain.phase(
+    async def _load(
+        self,
+        worker: Worker,
+        http: aiohttp.ClientSession,
+        fraction: float,
+        capacity: float,
+        seconds: float,
+        seed: int,
+    ) -> tuple[dict[str, Any], sustain.Samples]:
+        """``fraction`` of ``capacity`` for ``seconds``, measured by :func:`sustain.phase`."""
+        return await sustain.phase(
             worker,
             http,
             fraction=fraction,
             rate=capacity * fraction,
             seconds=seconds,
             accounts=self.conf.accounts,
-            seed=self.conf.seed + 99,
+            seed=seed,
             marker_interval=self.conf.marker_interval_s,
             t0=self.t0,
         )
-        self.extra["warmup"] = {
-            "fraction": fraction,
-            "seconds": seconds,
-            "msg_per_s": result["msg_per_s"],
-            "rss": report.trend(samples.rss),
-            "rocksdb_memory": report.trend(samples.rocksdb),
-        }
 
     async def _recovery(self, worker: Worker, http: aiohttp.ClientSession) -> dict[str, Any]:
         """kill -9 after the stream, delete nothing, restart: seconds until /readyz is 200."""
