@@ -27,7 +27,35 @@ async def wait_counted(urls: Sequence[str], ref: Reference, timeout: float = 180
                 return
             await asyncio.sleep(1)
     missing = {a: (got.get(a), n) for a, n in want.items() if got.get(a) != n}
-    raise AssertionError(f"{len(missing)} accounts differ (got, want): {list(missing.items())[:5]}")
+    raise AssertionError(
+        f"{len(missing)} accounts differ (got, want): {list(missing.items())[:5]}\n"
+        + await _progress(urls)
+    )
+
+
+#: Metrics that tell a record not fetched (lag) from one fetched and not applied.
+_PROGRESS = (
+    "finflow_consumer_lag",
+    "finflow_records_total",
+    "finflow_records_replayed",
+    "finflow_records_forwarded",
+    "finflow_transactions_",
+)
+
+
+async def _progress(urls: Sequence[str]) -> str:
+    """Each worker's read, lag and applied counters, for a failure message."""
+    lines = []
+    async with aiohttp.ClientSession() as http:
+        for url in urls:
+            try:
+                async with http.get(f"{url}/metrics") as resp:
+                    text = await resp.text()
+            except aiohttp.ClientError as exc:
+                lines.append(f"{url}: /metrics unreachable: {exc!r}")
+                continue
+            lines += [f"{url}: {line}" for line in text.splitlines() if line.startswith(_PROGRESS)]
+    return "\n".join(lines)
 
 
 async def _day_counts(
