@@ -11,6 +11,8 @@ EVENT_SPAN_S = 600
 #: Records may be this much older than their predecessor (the peers' grace covers it).
 DISORDER_MS = 2_000
 QUIX_VERSION = "3.28.1"
+#: Unmeasured load before the sustained phases (``BenchConfig.warmup_s``; --smoke: 1 s).
+WARMUP_S = 45.0
 #: Quix Streams 3.28 pins confluent-kafka below 2.13.
 QUIX_PINS = (f"quixstreams=={QUIX_VERSION}", "confluent-kafka==2.12.2", "orjson==3.13.0")
 
@@ -27,7 +29,7 @@ class BenchConfig:
     #: Before the sustained phases, unmeasured: the worker's bounded caches (RocksDB block
     #: cache and memtables, ~85-100 MB at 4 partitions) fill, so the phases' RSS is steady state
     #: (measured: the block cache is full ~40-50 s into the middle rate).
-    warmup_s: float = 45.0
+    warmup_s: float = WARMUP_S
     #: Each throughput contender is timed until it has applied the whole stream or for this
     #: long after its first record, whichever comes first (keeps a full run under 15 min).
     measure_s: float = 60.0
@@ -143,13 +145,14 @@ def from_args(args: argparse.Namespace, project_root: Path) -> BenchConfig:
     smoke = bool(args.smoke)
     defaults = (20_000, 2_000, 5.0, 5.0) if smoke else (500_000, 100_000, 100.0, 60.0)
     reads = (5_000, 500, 1.0) if smoke else (40_000, 2_000, 8.0)
+    warmup = 1.0 if smoke else WARMUP_S
     return BenchConfig(
         transactions=args.transactions or defaults[0],
         accounts=args.accounts or defaults[1],
         partitions=args.partitions,
         rates_fraction=args.rates_fraction or (0.25, 0.5, 0.8),
         sustain_s=args.sustain_seconds or defaults[2],
-        warmup_s=(1.0 if smoke else 45.0) if args.warmup_seconds is None else args.warmup_seconds,
+        warmup_s=args.warmup_seconds if args.warmup_seconds is not None else warmup,
         measure_s=args.measure_seconds or defaults[3],
         smoke=smoke,
         quix=not (smoke or args.no_quix),
