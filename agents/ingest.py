@@ -9,6 +9,7 @@ from faust.types import TP
 
 from agents.batching import eager_delivery
 from agents.processor import Batch, IngestProcessor, MessageLike, Outputs, key_partition
+from agents.resume import seek_before_resume
 from agents.topology import (
     ALERTS,
     BY_ACCOUNT,
@@ -91,6 +92,7 @@ processor = IngestProcessor(
 sink = DatabaseSink(settings)
 if settings.sink_enabled:
     app.add_dependency(sink)
+seek_before_resume(app)  # before the first rebalance: records are never cleared behind a seek
 
 
 EXACTLY_ONCE = settings.processing_guarantee == "exactly_once"

@@ -22,10 +22,13 @@ from tests.integration.harness import (
     own_broker,
     produce,
 )
+from tests.integration.proxy import broker_behind
 from tests.integration.reference import Reference, expected_alert_ids
 from tests.integration.test_pipeline import stream
 
 pytestmark = pytest.mark.asyncio
+
+OFFSET_FETCH = 9  # the Kafka API key of the coordinator's committed-offsets answer
 
 
 async def counted(url: str, ref: Reference, accounts: list[str]) -> int:
@@ -105,3 +108,27 @@ async def test_two_workers_one_killed_other_serves_all(tmp_path: Path) -> None:
         finally:
             victim.stop()
             survivor.stop()
+
+
+async def test_restart_with_a_backlog_and_a_slow_coordinator(tmp_path: Path) -> None:
+    """A worker restarted while records wait counts every one of them, with the group
+    coordinator answering OffsetFetch in 200 ms (Faust 0.15.3 resumed the streams before its
+    post-recovery seek and cleared what arrived meanwhile: 60 % of the backlog was lost)."""
+    records = list(generate(stream(20_000, 400, seed=5)))
+    half = len(records) // 2
+    async with broker_behind(tmp_path, {OFFSET_FETCH: 0.2}) as bootstrap:
+        worker = Worker(bootstrap, tmp_path, "w", new_app_id()).start()
+        try:
+            await worker.wait_ready()
+            await produce(bootstrap, records[:half])
+            await wait_counted([worker.url], Reference.of(records[:half]))
+            await asyncio.to_thread(worker.stop)  # the proxy runs on this loop: keep it going
+            await produce(bootstrap, records[half:])  # the backlog the restart finds
+            worker.start()
+            await worker.wait_ready()
+            assert "stopped uncleanly" not in worker.log.read_text()  # a clean restart
+            ref = Reference.of(records)
+            await wait_counted([worker.url], ref)
+            await assert_exact([worker.url], ref)
+        finally:
+            await asyncio.to_thread(worker.stop)
