@@ -109,7 +109,7 @@ async def _on_recovery_completed(self: Any, generation_id: int = 0) -> None:
         self.log.info("Seek stream partitions to committed offsets.")
         await self._wait(consumer.perform_seek(), timeout=app.conf.broker_request_timeout)
     self.completed.set()
-    app.flow_control.resume()  # clears the stream buffers: nothing fetched since the seek
+    app.flow_control.resume()  # clears the buffers; the streams, still paused, sent nothing
     consumer.resume_partitions(streams)  # no await since the clear
     consumer.resume_flow()
     await app._fetcher.maybe_start()
