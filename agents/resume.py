@@ -17,7 +17,7 @@ not active, and the positions have moved past them (for a partition without a co
 offset no seek ever brings them back).
 
 Measured without these fixes (a restart over a backlog of 10,000 records, 4 partitions): a
-clean restart lost 141 of them (1.4 %); with the coordinator answering OffsetFetch in 200 ms,
+clean restart lost 142 of them (1.4 %); with the coordinator answering OffsetFetch in 200 ms,
 6,000 (60 %); in one run the fresh worker of that test counted nothing in 3 minutes (not
 analysed further). With them, none
 (tests/integration/test_crash.py::test_restart_with_a_backlog_and_a_slow_coordinator).
