@@ -114,8 +114,8 @@ class AccountState:
 
     def encode(self) -> bytes:
         for buckets, key in self._opened:
-            bucket = buckets[key]
-            if not isinstance(bucket, str):
+            bucket = buckets.get(key)  # gone when pruned at once (older than its retention)
+            if isinstance(bucket, list):
                 buckets[key] = orjson.dumps(bucket).decode()
         self._opened.clear()
         return orjson.dumps(self.data)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import orjson
 import psycopg
 import pytest
 
@@ -29,6 +30,7 @@ from tests.integration.harness import (
 from tests.integration.reference import Reference
 
 pytestmark = pytest.mark.asyncio
+DAY_MS = 86_400_000
 
 
 def stream(count: int, accounts: int, seed: int) -> Spec:
@@ -145,3 +147,74 @@ def assert_audited(db: str, bad: list[Record], workers: int) -> None:
     assert actions.get("alert", 0) == (alerts[0] if alerts else 0)
     assert actions["config"] == workers
     assert actions["migrate"] >= 1
+
+
+async def test_late_events_count_in_the_windows_still_kept(tmp_path: Path) -> None:
+    """Events days late but inside the longest retention are counted where their windows are
+    kept (the day window keeps 35 days, the hour 8, the minute 1) and the worker runs on.
+
+    A 2-day-late event once opened a minute bucket that pruning dropped in the same batch,
+    and encoding the account then raised: the worker crashed on every replay of the batch.
+    """
+    now = int(time.time() * 1000)
+    late = {"t-2d": now - 2 * DAY_MS, "t-10d": now - 10 * DAY_MS, "t-now": now}
+    records = [
+        Record(
+            b"acct-late",
+            orjson.dumps(
+                {
+                    "transaction_id": txid,
+                    "account_id": "acct-late",
+                    "amount": "7.25",
+                    "currency": "EUR",
+                    "timestamp": ms,
+                }
+            ),
+            "valid",
+        )
+        for txid, ms in late.items()
+    ]
+    with own_broker(tmp_path) as bootstrap, fresh_database(tmp_path) as db:
+        worker = Worker(bootstrap, tmp_path, "w0", new_app_id(), database=db).start()
+        try:
+            await worker.wait_ready()
+            await produce(bootstrap, records)
+            base = f"{worker.url}/accounts/acct-late/aggregates"
+            async with aiohttp.ClientSession() as http:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    assert worker.running, worker.log.read_text()[-3000:]
+                    status, body = await get_json(http, f"{base}?window=1m&at={now}")
+                    if status == 200 and body["count"] == 1:
+                        break
+                    await asyncio.sleep(0.5)
+                counts = {}
+                for txid, ms in late.items():
+                    for window in ("1m", "1h", "1d"):
+                        status, body = await get_json(http, f"{base}?window={window}&at={ms}")
+                        assert status == 200, body
+                        counts[txid, window] = body["count"]
+            assert counts == {
+                ("t-now", "1m"): 1,
+                ("t-now", "1h"): 1,
+                ("t-now", "1d"): 1,
+                ("t-2d", "1m"): 0,  # the minute window is kept for a day
+                ("t-2d", "1h"): 1,
+                ("t-2d", "1d"): 1,
+                ("t-10d", "1m"): 0,
+                ("t-10d", "1h"): 0,  # the hour window is kept for 8 days
+                ("t-10d", "1d"): 1,
+            }
+            assert worker.running
+            with psycopg.connect(db) as conn:
+                stored = conn.execute(
+                    "SELECT window_size, count(*) FROM finflow.window_snapshots"
+                    " WHERE account_id = 'acct-late' GROUP BY window_size"
+                ).fetchall()
+                txns = conn.execute(
+                    "SELECT count(*) FROM finflow.transactions WHERE account_id = 'acct-late'"
+                ).fetchone()
+            assert dict(stored) == {"1m": 1, "1h": 2, "1d": 3}
+            assert txns == (3,)
+        finally:
+            worker.stop()

@@ -106,3 +106,15 @@ def test_value_in_the_earlier_layout_is_read_and_upgraded() -> None:
     state.prune(NOW, NOW + 200, RETENTION)
     assert len(state.data["s"]) == 3 * ID_RECORD
     assert id_digest("c") in state.data["s"]
+
+
+def test_bucket_pruned_in_the_batch_that_opened_it_is_not_encoded() -> None:
+    """A 2-day-late event opens a minute bucket that its own batch's prune drops at once."""
+    state = AccountState.new()
+    late = NOW - 2 * DAY
+    assert state.apply(txn("late", late, 300), 0, 1, RETENTION)
+    state.prune(NOW, NOW, RETENTION)
+    copy = AccountState.decode(state.encode())
+    assert copy.bucket("1m", late - late % MIN) is None
+    assert copy.window("1h", late).count == 1
+    assert copy.window("1d", late).currencies["USD"].total == 300
