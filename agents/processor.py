@@ -129,7 +129,7 @@ class IngestProcessor:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         batch = Batch(BatchResult())
         result = batch.result
-        changed: dict[tuple[int, bytes], set[tuple[str, int]]] = {}
+        changed: dict[tuple[int, bytes], None] = {}  # slots to write, in order
         n = self.partitions
         applicable: list[tuple[MessageLike, Transaction, tuple[int, bytes], int]] = []
         for msg in messages:
@@ -154,7 +154,7 @@ class IngestProcessor:
             if state.seen_offset(source, msg.offset):
                 result.replayed += 1
                 continue
-            windows = changed.setdefault(slot, set())
+            changed[slot] = None
             if state.accept(txn, source, msg.offset, self.conf.retention):
                 batch.alerts.extend(rules.evaluate(self.conf.rules, state.profile, txn, now_ms))
                 state.add(txn)
@@ -163,7 +163,6 @@ class IngestProcessor:
                 result.sent_s.append(sent_at_s(msg.headers, msg.timestamp))
                 result.event_ms.append(txn.event_ms)
                 if self.rows:
-                    windows.update(rows.touched_windows(txn))
                     batch.txns.append(rows.txn_row(txn, msg.topic, msg.partition, msg.offset))
             else:
                 result.duplicates += 1
@@ -220,15 +219,15 @@ class IngestProcessor:
         self,
         batch: Batch,
         touched: dict[tuple[int, bytes], AccountState],
-        changed: dict[tuple[int, bytes], set[tuple[str, int]]],
+        changed: dict[tuple[int, bytes], None],
         now_ms: int,
     ) -> None:
         wall_ms = int(time.time() * 1000)
-        for slot, windows in changed.items():
+        for slot in changed:
             partition, key = slot
             state = touched[slot]
             state.prune(now_ms, wall_ms, self.conf.retention)
-            if windows:  # before encode, which seals the buckets again
-                batch.snapshots.extend(rows.snapshot_rows(key.decode(), state, windows))
+            if self.rows:  # before encode, which seals the buckets again
+                batch.snapshots.extend(rows.snapshot_rows(key.decode(), state))
             batch.writes.setdefault(partition, {})[key] = state.encode()
         batch.result.accounts = len(changed)

@@ -8,7 +8,7 @@ from functools import lru_cache
 from finflow.db.writer import SnapshotRow, TxnRow
 from models.transaction import Transaction
 from tables.state import AccountState
-from tables.windows import COUNT, CURRENCIES, FIRST, LAST, MERCHANTS, WINDOW_SIZES, window_start
+from tables.windows import COUNT, CURRENCIES, FIRST, LAST, MERCHANTS, WINDOW_SIZES
 
 
 @lru_cache(maxsize=1024)
@@ -39,36 +39,26 @@ def txn_row(txn: Transaction, topic: str, partition: int, offset: int) -> TxnRow
     )
 
 
-def touched_windows(txn: Transaction) -> list[tuple[str, int]]:
-    """The (size name, start) of each window a transaction counts in."""
-    return [(name, window_start(txn.event_ms, size)) for name, size in WINDOW_SIZES.items()]
-
-
-def snapshot_rows(
-    account_id: str, state: AccountState, windows: set[tuple[str, int]]
-) -> list[SnapshotRow]:
-    """Current aggregate of each changed window that is still kept.
+def snapshot_rows(account_id: str, state: AccountState) -> list[SnapshotRow]:
+    """Current aggregate of each window the batch changed that is still kept (an old event
+    beyond a size's retention is pruned at once).
 
     ``currencies`` keeps the exact integer minor units ``{currency: [count, sum, min, max]}``;
     readers format money (``/history`` does so with the currency's minor digits).
     """
-    rows = []
-    for name, start in windows:
-        bucket = state.bucket(name, start)
-        if bucket is None:
-            continue  # expired at once (an old event beyond this size's retention)
-        rows.append(
-            SnapshotRow(
-                account_id=account_id,
-                window_size=name,
-                window_start=_utc(start),
-                window_end=_utc(start + WINDOW_SIZES[name]),
-                count=bucket[COUNT],
-                distinct_merchants=len(bucket[MERCHANTS]),
-                first_event_at=_opt_utc(bucket[FIRST]),
-                last_event_at=_opt_utc(bucket[LAST]),
-                currencies=bucket[CURRENCIES],
-                version=state.version,
-            )
+    version = state.version
+    return [
+        SnapshotRow(
+            account_id=account_id,
+            window_size=name,
+            window_start=_utc(start),
+            window_end=_utc(start + WINDOW_SIZES[name]),
+            count=bucket[COUNT],
+            distinct_merchants=len(bucket[MERCHANTS]),
+            first_event_at=_opt_utc(bucket[FIRST]),
+            last_event_at=_opt_utc(bucket[LAST]),
+            currencies=bucket[CURRENCIES],
+            version=version,
         )
-    return rows
+        for name, start, bucket in state.changed()
+    ]

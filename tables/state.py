@@ -49,6 +49,7 @@ class Retention:
 
 
 _SIZES = tuple(windows.WINDOW_SIZES.values())
+_NAMES = tuple(windows.WINDOW_SIZES)
 
 
 def id_digest(transaction_id: str) -> str:
@@ -95,8 +96,8 @@ class AccountState:
 
     def __init__(self, data: dict[str, Any]) -> None:
         self.data = data
-        # Buckets parsed for a change since the last encode: (window dict, key).
-        self._opened: list[tuple[dict[str, Any], str]] = []
+        # Buckets parsed for a change since the last encode: (window size index, key).
+        self._opened: list[tuple[int, str]] = []
         # Ids accepted since the last prune (which stamps their seen-at): digest -> event ms.
         self._added: dict[str, int] = {}
         if isinstance(data["s"], dict):
@@ -113,7 +114,9 @@ class AccountState:
         return cls(orjson.loads(raw))
 
     def encode(self) -> bytes:
-        for buckets, key in self._opened:
+        kept = self.data["w"]
+        for index, key in self._opened:
+            buckets = kept[index]
             bucket = buckets.get(key)  # gone when pruned at once (older than its retention)
             if isinstance(bucket, list):
                 buckets[key] = orjson.dumps(bucket).decode()
@@ -156,15 +159,16 @@ class AccountState:
 
     def add(self, txn: Transaction) -> None:
         """Count an accepted transaction in its windows and the profile."""
-        for size, buckets in zip(_SIZES, self.data["w"], strict=True):
-            key = str(windows.window_start(txn.event_ms, size))
+        ms = txn.event_ms
+        for index, buckets in enumerate(self.data["w"]):
+            key = str(ms - ms % _SIZES[index])
             bucket = buckets.get(key)
             if bucket is None:
                 bucket = buckets[key] = windows.new_bucket()
-                self._opened.append((buckets, key))
+                self._opened.append((index, key))
             elif isinstance(bucket, str):
                 bucket = buckets[key] = orjson.loads(bucket)
-                self._opened.append((buckets, key))
+                self._opened.append((index, key))
             windows.add(bucket, txn)
         profile.add(self.data["p"], txn)
         self.data["v"] += 1
@@ -200,6 +204,17 @@ class AccountState:
                 kept.append(records[end : end + ID_RECORD])
             end += ID_RECORD
         self.data["s"] = "".join(kept) + records[end:] if end else records
+
+    def changed(self) -> list[tuple[str, int, windows.Bucket]]:
+        """(size name, start, bucket) of each window changed since the last encode and still
+        kept (call it before ``encode``, which seals them again)."""
+        kept = self.data["w"]
+        found = []
+        for index, key in self._opened:
+            bucket = kept[index].get(key)
+            if isinstance(bucket, list):  # not pruned at once
+                found.append((_NAMES[index], int(key), bucket))
+        return found
 
     @property
     def version(self) -> int:
