@@ -119,7 +119,7 @@ class Settings:
     topic_partitions: int = 8
     api_tokens: tuple[str, ...] = ()
     processing_guarantee: str = "at_least_once"
-    batch_size: int = 2000
+    batch_size: int = 5000
     batch_within_ms: int = 5
     session_timeout_ms: int = 10_000
     heartbeat_ms: int = 1_000
