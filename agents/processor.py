@@ -8,6 +8,7 @@ rebalance) are recognised by their offset and skipped.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from models.transaction import Transaction, parse_transaction
 from tables import rules
 from tables.state import AccountState
 from tables.store import PartitionedTable
+
+log = logging.getLogger(__name__)
 
 #: Account keys whose partition is remembered (about 100 bytes each).
 PARTITION_MEMO = 200_000
@@ -185,7 +188,18 @@ class IngestProcessor:
                 oldest_ms=now_ms - self.conf.retention.longest_ms,
                 max_future_ms=self.conf.max_future_ms,
             )
-        except ValidationError as exc:
+        except Exception as raised:
+            if isinstance(raised, ValidationError):
+                exc = raised
+            else:
+                # A defect of ours, not the record's: the record still must not stop the worker
+                # (a restart would read it again, for ever). Dead-lettered with what was raised.
+                log.exception(
+                    "record %s/%d/%d failed validation", msg.topic, msg.partition, msg.offset
+                )
+                exc = ValidationError(
+                    Reason.INVALID_SCHEMA, f"record could not be validated: {raised!r}"[:500]
+                )
             self.outputs.dead_letter(msg, exc)
             rejected = batch.result.rejected
             rejected[exc.reason] = rejected.get(exc.reason, 0) + 1

@@ -175,7 +175,8 @@ def _amount_from_text(text: str, digits: int) -> int:
     fraction = (fraction or "").rstrip("0") if len(fraction or "") > digits else fraction or ""
     if len(fraction) > digits:
         raise ValidationError(Reason.INVALID_AMOUNT, f"amount has more than {digits} decimals")
-    if len(units.lstrip("0")) > 12 or int(units) >= MAX_ABS_UNITS:
+    units = units.lstrip("0") or "0"  # before int(): any number of leading zeros is valid
+    if len(units) > 12 or int(units) >= MAX_ABS_UNITS:
         raise ValidationError(Reason.INVALID_AMOUNT, "absolute amount must be below 10^12")
     minor = int(units) * 10**digits + int(fraction.ljust(digits, "0") or "0")
     return -minor if sign == "-" else minor

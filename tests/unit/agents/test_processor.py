@@ -104,3 +104,32 @@ def test_accounts_of_a_batch_are_loaded_once_each() -> None:
     loaded = [key for _, keys in reads for key in keys]
     assert sorted(loaded) == sorted(a.encode() for a in accounts)
     assert len(reads) == len({partition for partition, _ in reads})  # one call per partition
+
+
+def test_a_defect_in_validation_dead_letters_the_record_and_the_batch_goes_on(
+    monkeypatch: Any,
+) -> None:
+    """An unexpected exception while validating one record (a bug of ours, like Python's int()
+    digit limit once was) must not stop the worker: a restart would read it again for ever."""
+    import agents.processor as module
+
+    real = module.parse_transaction
+
+    def parse(key: bytes | None, value: bytes, **kwargs: Any) -> Any:
+        if b'"t1"' in value:
+            raise RuntimeError("boom")
+        return real(key, value, **kwargs)
+
+    monkeypatch.setattr(module, "parse_transaction", parse)
+    dead: list[tuple[int, str, str]] = []
+    table = DictTable()
+    proc = processor(table)
+    proc.outputs = Outputs(
+        dead_letter=lambda m, e: dead.append((m.offset, e.reason.value, e.message)),
+        forward=lambda m, k, p: None,
+    )
+    batch = proc.process([record(0, "t0"), record(1, "t1"), record(2, "t2")], now_ms=NOW)
+    assert batch.result.accepted == 2
+    assert batch.result.rejected == {"invalid_schema": 1}
+    assert dead == [(1, "invalid_schema", "record could not be validated: RuntimeError('boom')")]
+    assert [r.offset for r in batch.rejections] == [1]

@@ -111,10 +111,16 @@ def test_amount_property_is_exact_decimal() -> None:
         (1200, "JPY", 1200),
         (999999999999.99, "USD", 99_999_999_999_999),
         (999_999_999_999, "USD", 99_999_999_999_900),
+        ("0" * 5000 + "1.00", "USD", 100),  # leading zeros past Python's int() digit limit
+        ("-" + "0" * 5000 + "999999999999.99", "USD", -99_999_999_999_999),
+        ("0" * 5000, "USD", None),
     ],
 )
-def test_amount_minor_units(amount: str | float, currency: str, minor: int) -> None:
-    assert parse(record(amount=amount, currency=currency)).amount_minor == minor
+def test_amount_minor_units(amount: str | float, currency: str, minor: int | None) -> None:
+    if minor is None:  # zero
+        assert reason(record(amount=amount, currency=currency)) == Reason.INVALID_AMOUNT
+    else:
+        assert parse(record(amount=amount, currency=currency)).amount_minor == minor
 
 
 def test_rfc3339_with_offset_is_converted_to_utc() -> None:
