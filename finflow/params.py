@@ -8,10 +8,13 @@ from collections.abc import Mapping
 
 from finflow.errors import ApiError
 from models.exceptions import ValidationError
-from models.transaction import parse_timestamp
+from models.transaction import MAX_EPOCH_MS, parse_timestamp
 from tables.windows import MINUTE_MS, WINDOW_SIZES
 
 MAX_SPAN_MS = 1440 * MINUTE_MS
+#: Instants from the last day of year 9999 on are refused: the windows around them (a day
+#: window, a rolling span's end) end in year 10000, which RFC 3339 cannot write.
+LAST_INSTANT_MS = MAX_EPOCH_MS - WINDOW_SIZES["1d"]
 _SPAN_RE = re.compile(r"([1-9]\d{0,4})([mh])", re.ASCII)
 
 
@@ -49,9 +52,12 @@ def instant_ms(query: Mapping[str, str], name: str, *, required: bool = False) -
     if len(value) > 64:
         raise bad(name, "is too long")
     try:
-        return parse_timestamp(int(value) if value.isascii() and value.isdigit() else value)
+        ms = parse_timestamp(int(value) if value.isascii() and value.isdigit() else value)
     except ValidationError as exc:
         raise bad(name, exc.message) from None
+    if ms >= LAST_INSTANT_MS:
+        raise bad(name, "must be before 9999-12-31T00:00:00Z")
+    return ms
 
 
 MAX_LIMIT = 1000

@@ -121,7 +121,7 @@ class DatabaseSink(Service):
                 " WHERE account_id = %s AND window_size = %s"
                 " AND window_start >= %s AND window_start < %s"
                 " ORDER BY window_start LIMIT %s",
-                (account_id, window, start, end, HISTORY_LIMIT + 1),
+                (stored_text(account_id), window, start, end, HISTORY_LIMIT + 1),
             )
             items = await cur.fetchall()
             if not items and not await _known(cur, account_id):
@@ -135,7 +135,7 @@ class DatabaseSink(Service):
                 "SELECT alert_id, rule, severity, account_id, transaction_id, event_time,"
                 " detected_at, details FROM finflow.alerts WHERE account_id = %s"
                 " ORDER BY event_time DESC, alert_id LIMIT %s",
-                (account_id, limit),
+                (stored_text(account_id), limit),
             )
             items = await cur.fetchall()
             if not items and not await _known(cur, account_id):
@@ -143,9 +143,15 @@ class DatabaseSink(Service):
         return items
 
 
+def stored_text(text: str) -> str:
+    """``text`` as the database stores it (PostgreSQL text cannot hold NUL: U+FFFD)."""
+    return text.replace("\x00", "\ufffd")
+
+
 async def _known(cur: psycopg.AsyncCursor[Any], account_id: str) -> bool:
     """True when the database holds any window of the account."""
     await cur.execute(
-        "SELECT 1 FROM finflow.window_snapshots WHERE account_id = %s LIMIT 1", (account_id,)
+        "SELECT 1 FROM finflow.window_snapshots WHERE account_id = %s LIMIT 1",
+        (stored_text(account_id),),
     )
     return await cur.fetchone() is not None

@@ -18,6 +18,7 @@ is what decoding and freeing cost):
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from hashlib import blake2b
 from typing import Any
@@ -85,8 +86,26 @@ def _upgrade(data: dict[str, Any]) -> None:
             bucket[windows.MERCHANTS].sort()
 
 
+#: Marks a value or sealed bucket written by the standard library's JSON encoder: one holding
+#: an integer beyond 64 bits (a window's sum of minor units passes 2^63 after ~900 maximal
+#: amounts in a 4-digit currency), which orjson cannot write and would read back as a float.
+_WIDE = "~"
+
+
+def _seal(bucket: windows.Bucket) -> str:
+    try:
+        return orjson.dumps(bucket).decode()
+    except TypeError:  # an integer beyond 64 bits
+        return _WIDE + json.dumps(bucket, separators=(",", ":"))
+
+
 def _unseal(bucket: str | windows.Bucket) -> windows.Bucket:
-    return orjson.loads(bucket) if isinstance(bucket, str) else bucket
+    if not isinstance(bucket, str):
+        return bucket
+    if bucket.startswith(_WIDE):
+        opened: windows.Bucket = json.loads(bucket[1:])
+        return opened
+    return orjson.loads(bucket)
 
 
 class AccountState:
@@ -111,6 +130,8 @@ class AccountState:
 
     @classmethod
     def decode(cls, raw: bytes) -> AccountState:
+        if raw.startswith(b"~"):
+            return cls(json.loads(raw[1:]))
         return cls(orjson.loads(raw))
 
     def encode(self) -> bytes:
@@ -119,9 +140,12 @@ class AccountState:
             buckets = kept[index]
             bucket = buckets.get(key)  # gone when pruned at once (older than its retention)
             if isinstance(bucket, list):
-                buckets[key] = orjson.dumps(bucket).decode()
+                buckets[key] = _seal(bucket)
         self._opened.clear()
-        return orjson.dumps(self.data)
+        try:
+            return orjson.dumps(self.data)
+        except TypeError:  # an integer beyond 64 bits outside the buckets (not expected)
+            return b"~" + json.dumps(self.data, separators=(",", ":")).encode()
 
     def seen_offset(self, source: int, offset: int) -> bool:
         """True when this value already reflects ``offset`` of ``source``."""
@@ -167,7 +191,7 @@ class AccountState:
                 bucket = buckets[key] = windows.new_bucket()
                 self._opened.append((index, key))
             elif isinstance(bucket, str):
-                bucket = buckets[key] = orjson.loads(bucket)
+                bucket = buckets[key] = _unseal(bucket)
                 self._opened.append((index, key))
             windows.add(bucket, txn)
         profile.add(self.data["p"], txn)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import weakref
 from collections.abc import Sequence
@@ -137,6 +138,13 @@ _DEAD = "INSERT INTO finflow.sink_dead_letters (table_name, row, error) VALUES (
 _staged: weakref.WeakSet[psycopg.AsyncConnection[Any]] = weakref.WeakSet()
 
 
+def _json(obj: Any) -> bytes:
+    try:
+        return orjson.dumps(obj)
+    except TypeError:  # an integer beyond 64 bits: a window's sum of minor units can get there
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+
 def _txn_tuple(r: TxnRow) -> tuple[Any, ...]:
     return (
         r.account_id,
@@ -225,7 +233,7 @@ async def _write_bulk(
                     await copy.write_row(_txn_tuple(txn))
             await cur.execute(_INSERT_TXN)
         if snaps:
-            set_json_dumps(orjson.dumps, context=cur)  # ~2x json.dumps; currencies is JSON-ready
+            set_json_dumps(_json, context=cur)  # ~2x json.dumps; currencies is JSON-ready
             async with cur.copy(_COPY_SNAP) as copy:
                 copy.set_types(_SNAP_TYPES)
                 for snap in snaps:
@@ -301,19 +309,23 @@ ON CONFLICT DO NOTHING
 
 
 async def write_alerts(conn: psycopg.AsyncConnection[Any], alerts: Sequence[Alert]) -> None:
-    """Store alerts idempotently (``alert_id`` is deterministic); commits."""
+    """Store alerts idempotently (``alert_id`` is deterministic); commits.
+
+    Ids are stored as the audit log stores text: NUL (which PostgreSQL text and jsonb cannot
+    hold, and which a valid transaction may carry in its ids) becomes U+FFFD.
+    """
     if not alerts:
         return
     rows = [
         (
             a.alert_id,
-            a.account_id,
+            _plain(a.account_id),
             a.rule,
             a.severity,
-            a.transaction_id,
+            _plain(a.transaction_id),
             datetime.fromtimestamp(a.event_ms / 1000, tz=UTC),
             datetime.fromtimestamp(a.detected_ms / 1000, tz=UTC),
-            Jsonb(a.details),
+            Jsonb(_plain(a.details), dumps=_json),
         )
         for a in alerts
     ]

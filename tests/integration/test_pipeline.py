@@ -218,3 +218,93 @@ async def test_late_events_count_in_the_windows_still_kept(tmp_path: Path) -> No
             assert txns == (3,)
         finally:
             worker.stop()
+
+
+def _txn(account: str, txid: str, amount: str, currency: str, ms: int) -> Record:
+    value = {
+        "transaction_id": txid,
+        "account_id": account,
+        "amount": amount,
+        "currency": currency,
+        "timestamp": ms,
+    }
+    return Record(account.encode(), orjson.dumps(value), "valid")
+
+
+async def test_extreme_valid_input_neither_stops_nor_stalls_the_worker(tmp_path: Path) -> None:
+    """Valid records at the edges of the contract, each of which once stopped a worker:
+    a window sum past 2^63 minor units (crash loop), an amount with 5,000 leading zeros
+    (crash loop), a NUL in an id that raises an alert (database writes retried for ever)."""
+    minute = int(time.time() * 1000) // 60_000 * 60_000 - 60_000
+    big = "-999999999999.9999"  # the largest amount of a 4-digit currency
+    records = [_txn("acct-wide", f"w{i}", big, "CLF", minute + i) for i in range(1_000)]
+    records.append(_txn("acct-zeros", "z1", "0" * 5_000 + "1.00", "USD", minute))
+    records.append(_txn("nul\x00acct", "n1", "20000.00", "USD", minute))  # high_value alert
+    records.append(_txn("acct-after", "a1", "3.00", "USD", minute + 1))
+    with own_broker(tmp_path) as bootstrap, fresh_database(tmp_path) as db:
+        worker = Worker(bootstrap, tmp_path, "w0", new_app_id(), database=db).start()
+        try:
+            await worker.wait_ready()
+            await produce(bootstrap, records)
+            at = f"window=1m&at={minute}"
+            async with aiohttp.ClientSession() as http:
+                deadline = time.monotonic() + 90
+                while time.monotonic() < deadline:
+                    assert worker.running, worker.log.read_text()[-3000:]
+                    status, _ = await get_json(http, f"{worker.url}/accounts/acct-after/alerts")
+                    written = dict(_database_counts(db))
+                    if status == 200 and written.get("acct-after") and worker_ready(worker):
+                        break
+                    await asyncio.sleep(0.5)
+                status, body = await get_json(
+                    http, f"{worker.url}/accounts/acct-wide/aggregates?{at}"
+                )
+                assert status == 200
+                assert body["count"] == 1_000
+                clf = body["currencies"]["CLF"]
+                assert clf["sum"] == "-999999999999999.9000"  # 1,000 x -999999999999.9999
+                assert (clf["min"], clf["max"], clf["mean"]) == (big, big, big)
+                status, body = await get_json(
+                    http, f"{worker.url}/accounts/acct-zeros/aggregates?{at}"
+                )
+                assert (status, body["currencies"]["USD"]["sum"]) == (200, "1.00")
+                status, body = await get_json(
+                    http, f"{worker.url}/accounts/nul%00acct/aggregates?{at}"
+                )
+                assert (status, body["count"]) == (200, 1)
+                status, body = await get_json(http, f"{worker.url}/accounts/nul%00acct/alerts")
+                assert status == 200
+                assert [a["rule"] for a in body["alerts"]] == ["high_value"]
+                status, body = await get_json(
+                    http,
+                    f"{worker.url}/accounts/acct-wide/aggregates?window=1d&at=9999-12-31T12:00:00Z",
+                )
+                assert (status, body["error"]) == (400, "invalid_parameter")
+            with psycopg.connect(db) as conn:
+                stored = conn.execute(
+                    "SELECT currencies FROM finflow.window_snapshots"
+                    " WHERE account_id = 'acct-wide' AND window_size = '1m'"
+                ).fetchone()
+            assert stored is not None
+            assert stored[0]["CLF"][:2] == [1_000, -9_999_999_999_999_999_000]  # exact in jsonb
+            assert worker.running
+        finally:
+            worker.stop()
+
+
+def worker_ready(worker: Worker) -> bool:
+    """``/readyz`` answers 200 (it answers 503 while database writes fail)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{worker.url}/readyz", timeout=2) as resp:  # noqa: S310
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def _database_counts(db: str) -> list[tuple[str, int]]:
+    with psycopg.connect(db) as conn:
+        return conn.execute(
+            "SELECT account_id, count(*)::int FROM finflow.transactions GROUP BY account_id"
+        ).fetchall()

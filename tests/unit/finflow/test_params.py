@@ -136,6 +136,10 @@ def test_required_instant_missing() -> None:
         "1" * 65,
         "\u00b2",  # str.isdigit() is true for superscripts, int() refuses them
         "\u0661\u0662\u0663",
+        # the day window (and a rolling span) around these would end in year 10000
+        "9999-12-31T00:00:00Z",
+        "9999-12-31T23:59:30Z",
+        "253402214400000",
     ],
 )
 def test_bad_at(value: str) -> None:

@@ -124,7 +124,7 @@ def test_instant(query: dict[str, str], required: bool) -> None:
     if value is None:
         return
     assert type(value) is int
-    assert 0 <= value < MAX_EPOCH_MS
+    assert 0 <= value < params.LAST_INSTANT_MS < MAX_EPOCH_MS
     text = query.get("at")
     if text is None:
         assert not required

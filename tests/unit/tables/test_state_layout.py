@@ -118,3 +118,21 @@ def test_bucket_pruned_in_the_batch_that_opened_it_is_not_encoded() -> None:
     assert copy.bucket("1m", late - late % MIN) is None
     assert copy.window("1h", late).count == 1
     assert copy.window("1d", late).currencies["USD"].total == 300
+
+
+def test_window_sums_beyond_64_bits_stay_exact() -> None:
+    """~923 maximal amounts of a 4-digit currency pass 2^63 minor units in one window: orjson
+    can neither write that integer nor read it back as one."""
+    big = 999_999_999_999_9999  # -999999999999.9999 CLF in minor units
+    state = AccountState.new()
+    for i in range(1_000):
+        copy = AccountState.decode(state.encode())  # a batch per event: every round trip
+        assert copy.apply(Transaction(f"t{i}", "acc-1", -big, "CLF", NOW + i), 0, i, RETENTION)
+        copy.prune(NOW, NOW, RETENTION)
+        state = copy
+    final = AccountState.decode(state.encode())
+    for window in ("1m", "1h", "1d"):
+        stats = final.window(window, NOW).currencies["CLF"]
+        assert (stats.count, stats.total, stats.low) == (1_000, -1_000 * big, -big)
+        assert isinstance(stats.total, int)
+    assert final.apply(Transaction("t0", "acc-1", -big, "CLF", NOW), 0, 2_000, RETENTION) is False
