@@ -234,6 +234,31 @@ def run_loadgen(args: argparse.Namespace) -> int:
     return 0
 
 
+#: How long a starting worker waits for the broker to answer (it may be starting too).
+BROKER_WAIT_S = 60.0
+
+
+async def broker_is_tansu(bootstrap: str, wait_s: float = BROKER_WAIT_S) -> bool:
+    """:func:`finflow.tansu.broker_is_tansu`, waiting up to ``wait_s`` for a broker to answer;
+    then a one-line :class:`ConfigError` naming the variable (not a traceback)."""
+    from aiokafka.errors import KafkaConnectionError
+
+    from finflow import tansu
+
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while True:
+        try:
+            return await tansu.broker_is_tansu(bootstrap)
+        except KafkaConnectionError as exc:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise ConfigError(
+                    f"FINFLOW_BROKER_URL: no broker answered at {bootstrap} within"
+                    f" {wait_s:.0f} s ({exc})"
+                ) from None
+            log.warning("broker at %s not answering yet, retrying: %s", bootstrap, exc)
+            await asyncio.sleep(min(2.0, wait_s))
+
+
 def run_worker(args: argparse.Namespace) -> int:
     """Run the Faust worker; wipe local table state left by an unclean stop first."""
     from finflow import gcpolicy, preflight, tansu
@@ -242,7 +267,7 @@ def run_worker(args: argparse.Namespace) -> int:
     from finflow.app import app, settings
 
     if settings.broker_flavor == "tansu" or (
-        settings.broker_flavor == "auto" and asyncio.run(tansu.broker_is_tansu(_bootstrap()))
+        settings.broker_flavor == "auto" and asyncio.run(broker_is_tansu(_bootstrap()))
     ):
         tansu.apply()
     asyncio.run(preflight.check_input_topic(settings, "transactions"))

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from pathlib import Path
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from tests.integration.harness import FINFLOW, Worker, new_app_id, own_broker
+from finflow import devbroker
+from finflow.cli import broker_is_tansu
+from finflow.errors import ConfigError
+from tests.integration.harness import FINFLOW, Worker, free_port, new_app_id, own_broker
 
 pytestmark = pytest.mark.asyncio
 
@@ -47,3 +51,23 @@ async def test_bad_value_names_the_variable(tmp_path: Path) -> None:
         "finflow: configuration error: FINFLOW_WEB_PORT='http' is invalid: "
         "must be a TCP port (1-65535)"
     ]
+
+
+async def test_worker_waits_for_a_broker_that_starts_after_it(tmp_path: Path) -> None:
+    """Worker and broker often start together (compose, a rolling restart): the worker's first
+    contact waits for the broker instead of exiting with a traceback."""
+    port = free_port()
+    probe = asyncio.ensure_future(broker_is_tansu(f"127.0.0.1:{port}", wait_s=30))
+    await asyncio.sleep(3)  # a few refused attempts
+    assert not probe.done()
+    proc = devbroker.start_broker(port, log_path=str(tmp_path / "tansu.log"))
+    try:
+        assert await asyncio.wait_for(probe, 30) is True
+    finally:
+        devbroker.stop_broker(proc)
+
+
+async def test_unreachable_broker_is_one_line_naming_the_variable() -> None:
+    with pytest.raises(ConfigError) as raised:
+        await broker_is_tansu(f"127.0.0.1:{free_port()}", wait_s=0.5)
+    assert str(raised.value).startswith("FINFLOW_BROKER_URL: no broker answered at 127.0.0.1:")
