@@ -134,11 +134,12 @@ class IngestProcessor:
         result = batch.result
         changed: dict[tuple[int, bytes], None] = {}  # slots to write, in order
         n = self.partitions
+        oldest_ms = now_ms - self.conf.retention.longest_ms  # older events are too late
         applicable: list[tuple[MessageLike, Transaction, tuple[int, bytes], int]] = []
         for msg in messages:
             result.positions[(msg.topic, msg.partition)] = msg.offset + 1
             result.records[msg.topic] = result.records.get(msg.topic, 0) + 1
-            txn = self._validate(msg, now_ms, batch)
+            txn = self._validate(msg, now_ms, oldest_ms, batch)
             if txn is None:
                 continue
             key = txn.account_id.encode()
@@ -177,7 +178,9 @@ class IngestProcessor:
         for partition, items in batch.writes.items():
             self.table.write_batch(partition, items)
 
-    def _validate(self, msg: MessageLike, now_ms: int, batch: Batch) -> Transaction | None:
+    def _validate(
+        self, msg: MessageLike, now_ms: int, oldest_ms: int, batch: Batch
+    ) -> Transaction | None:
         try:
             if msg.value is None:
                 raise ValidationError(Reason.INVALID_JSON, "record has no value")
@@ -185,7 +188,7 @@ class IngestProcessor:
                 msg.key,
                 msg.value,
                 now_ms=now_ms,
-                oldest_ms=now_ms - self.conf.retention.longest_ms,
+                oldest_ms=oldest_ms,
                 max_future_ms=self.conf.max_future_ms,
             )
         except Exception as raised:
