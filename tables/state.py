@@ -183,9 +183,8 @@ class AccountState:
 
     def add(self, txn: Transaction) -> None:
         """Count an accepted transaction in its windows and the profile."""
-        ms = txn.event_ms
         for index, buckets in enumerate(self.data["w"]):
-            key = str(ms - ms % _SIZES[index])
+            key = str(windows.window_start(txn.event_ms, _SIZES[index]))
             bucket = buckets.get(key)
             if bucket is None:
                 bucket = buckets[key] = windows.new_bucket()
