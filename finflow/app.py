@@ -6,10 +6,11 @@ from datetime import timedelta
 
 import faust
 
-from finflow import kafka_security
+from finflow import kafka_security, producer_topics
 from finflow import settings as settings_module
 
 settings = settings_module.from_env()
+producer_topics.apply()  # before Faust creates its producer
 
 
 def create_app(conf: settings_module.Settings) -> faust.App:

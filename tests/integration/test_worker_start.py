@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,17 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from finflow import devbroker
 from finflow.cli import broker_is_tansu
 from finflow.errors import ConfigError
-from tests.integration.harness import FINFLOW, Worker, free_port, new_app_id, own_broker
+from finflow.loadgen import Spec, generate
+from tests.integration.checks import wait_counted
+from tests.integration.harness import (
+    FINFLOW,
+    Worker,
+    free_port,
+    new_app_id,
+    own_broker,
+    produce,
+)
+from tests.integration.reference import Reference
 
 pytestmark = pytest.mark.asyncio
 
@@ -71,3 +82,39 @@ async def test_unreachable_broker_is_one_line_naming_the_variable() -> None:
     with pytest.raises(ConfigError) as raised:
         await broker_is_tansu(f"127.0.0.1:{free_port()}", wait_s=0.5)
     assert str(raised.value).startswith("FINFLOW_BROKER_URL: no broker answered at 127.0.0.1:")
+
+
+async def test_first_deployment_of_an_app_with_records_waiting(tmp_path: Path) -> None:
+    """A new app id (a first deployment, a new environment) started on a topic that already
+    holds records, which another app has read: its first batch forwards keyless records to a
+    topic created just then and raises alerts. It once never got that batch acknowledged
+    (aiokafka dropped the alerts topic from its producer's metadata) and hung on stop."""
+    spec = Spec(
+        count=3_000,
+        accounts=50,
+        seed=3,
+        start_ms=int(time.time() * 1000) - 120_000,
+        rate=400.0,
+        bad_ratio=0.04,
+        dup_ratio=0.04,
+        disorder_ms=60_000,
+        keyless_ratio=0.05,
+    )
+    records = list(generate(spec))
+    ref = Reference.of(records)
+    with own_broker(tmp_path) as bootstrap:
+        first = Worker(bootstrap, tmp_path, "first", new_app_id()).start()
+        try:
+            await first.wait_ready()
+            await produce(bootstrap, records)
+            await wait_counted([first.url], ref)
+        finally:
+            first.stop()
+        fresh = Worker(bootstrap, tmp_path, "fresh", new_app_id()).start()
+        try:
+            await fresh.wait_ready()
+            await wait_counted([fresh.url], ref, timeout=60)
+        finally:
+            started = time.monotonic()
+            fresh.stop()
+            assert time.monotonic() - started < 15, "the worker did not stop on SIGTERM"
