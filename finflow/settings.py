@@ -161,7 +161,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     d = Settings()
     retention = Retention(
         window_ms=(
-            _read(env, "FINFLOW_RETENTION_1M", "1441m", parse_duration_ms),
+            _read(env, "FINFLOW_RETENTION_1M", "2881m", parse_duration_ms),
             _read(env, "FINFLOW_RETENTION_1H", "8d", parse_duration_ms),
             _read(env, "FINFLOW_RETENTION_1D", "35d", parse_duration_ms),
         ),

@@ -14,9 +14,15 @@ SEVERITIES = ("low", "medium", "high")
 _NAMESPACE = uuid.UUID("6f0b1c9e-2d4a-4f7e-9a51-0c3e8d2b7a14")
 
 
-def alert_id(rule: str, account_id: str, transaction_id: str) -> str:
-    """Deterministic id: the same rule firing for the same transaction is the same alert."""
-    return str(uuid.uuid5(_NAMESPACE, f"{rule}\x00{account_id}\x00{transaction_id}"))
+def alert_id(rule: str, account_id: str, transaction_id: str, event_ms: int) -> str:
+    """Deterministic id: the same rule firing for the same transaction is the same alert.
+
+    A transaction is its id *and* its event time: an id reused more than the de-duplication
+    span later is counted as a new transaction (``FINFLOW_DEDUP_WINDOW``), so its alerts must
+    not share the first one's ids; a redelivery carries the same event time, so it does.
+    """
+    name = f"{rule}\x00{account_id}\x00{transaction_id}\x00{event_ms}"
+    return str(uuid.uuid5(_NAMESPACE, name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +39,7 @@ class Alert:
 
     @property
     def alert_id(self) -> str:
-        return alert_id(self.rule, self.account_id, self.transaction_id)
+        return alert_id(self.rule, self.account_id, self.transaction_id, self.event_ms)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -209,11 +209,23 @@ def _minor(amount: Decimal, currency: str) -> Decimal:
     return amount.scaleb(minor_digits(currency) or 0)
 
 
+def _money(amount: Decimal, currency: str) -> str:
+    """A configured amount (major units) written with the currency's minor digits, as money is
+    everywhere in responses (with more only when it is configured more precisely)."""
+    scale = Decimal(10) ** -(minor_digits(currency) or 0)
+    shown = amount.quantize(scale)
+    return str(shown if shown == amount else amount)
+
+
 def _high_value(rule: HighValue, prof: Profile, txn: Transaction) -> dict[str, Any] | None:
     threshold = rule.per_currency.get(txn.currency, rule.threshold)
     if txn.amount_minor < _minor(threshold, txn.currency):
         return None
-    return {"amount": str(txn.amount), "currency": txn.currency, "threshold": str(threshold)}
+    return {
+        "amount": str(txn.amount),
+        "currency": txn.currency,
+        "threshold": _money(threshold, txn.currency),
+    }
 
 
 def _new_country(rule: NewCountry, prof: Profile, txn: Transaction) -> dict[str, Any] | None:
@@ -248,7 +260,7 @@ def _card_testing(rule: CardTesting, prof: Profile, txn: Transaction) -> dict[st
         return None
     return {
         "count": count,
-        "max_amount": str(rule.max_amount),
+        "max_amount": _money(rule.max_amount, txn.currency),
         "span_seconds": rule.span_ms // 1000,
     }
 

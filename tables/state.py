@@ -41,7 +41,9 @@ ID_RECORD = _DIGEST + 2 * _MS
 class Retention:
     """How long each window size and the de-duplication ids are kept, in milliseconds."""
 
-    window_ms: tuple[int, int, int] = (DAY_MS + windows.MINUTE_MS, 8 * DAY_MS, 35 * DAY_MS)
+    #: Minute windows: two days and a minute, so a rolling span of up to 24 h ending anywhere
+    #: in the last day is whole.
+    window_ms: tuple[int, int, int] = (2 * DAY_MS + windows.MINUTE_MS, 8 * DAY_MS, 35 * DAY_MS)
     dedup_ms: int = DAY_MS
 
     @property

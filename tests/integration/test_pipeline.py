@@ -151,13 +151,13 @@ def assert_audited(db: str, bad: list[Record], workers: int) -> None:
 
 async def test_late_events_count_in_the_windows_still_kept(tmp_path: Path) -> None:
     """Events days late but inside the longest retention are counted where their windows are
-    kept (the day window keeps 35 days, the hour 8, the minute 1) and the worker runs on.
+    kept (the day window keeps 35 days, the hour 8, the minute 2) and the worker runs on.
 
-    A 2-day-late event once opened a minute bucket that pruning dropped in the same batch,
+    A 3-day-late event once opened a minute bucket that pruning dropped in the same batch,
     and encoding the account then raised: the worker crashed on every replay of the batch.
     """
     now = int(time.time() * 1000)
-    late = {"t-2d": now - 2 * DAY_MS, "t-10d": now - 10 * DAY_MS, "t-now": now}
+    late = {"t-3d": now - 3 * DAY_MS, "t-10d": now - 10 * DAY_MS, "t-now": now}
     records = [
         Record(
             b"acct-late",
@@ -198,9 +198,9 @@ async def test_late_events_count_in_the_windows_still_kept(tmp_path: Path) -> No
                 ("t-now", "1m"): 1,
                 ("t-now", "1h"): 1,
                 ("t-now", "1d"): 1,
-                ("t-2d", "1m"): 0,  # the minute window is kept for a day
-                ("t-2d", "1h"): 1,
-                ("t-2d", "1d"): 1,
+                ("t-3d", "1m"): 0,  # the minute window is kept for two days
+                ("t-3d", "1h"): 1,
+                ("t-3d", "1d"): 1,
                 ("t-10d", "1m"): 0,
                 ("t-10d", "1h"): 0,  # the hour window is kept for 8 days
                 ("t-10d", "1d"): 1,

@@ -93,6 +93,27 @@ def test_high_value_at_threshold_and_per_currency() -> None:
     assert names(run([tx(1, T0, 1_500_000, currency="JPY")])) == ["high_value"]
 
 
+@pytest.mark.parametrize(
+    ("currency", "minor", "amount", "threshold"),
+    [
+        ("USD", 1_500_000, "15000.00", "10000.00"),
+        ("BHD", 10_000_000, "10000.000", "10000.000"),
+        ("JPY", 1_500_000, "1500000", "1500000"),
+    ],
+)
+def test_high_value_details_write_money_with_the_currencys_digits(
+    currency: str, minor: int, amount: str, threshold: str
+) -> None:
+    (alert,) = run([tx(1, T0, minor, currency=currency)])
+    assert alert.details == {"amount": amount, "currency": currency, "threshold": threshold}
+
+
+def test_money_configured_more_precisely_than_the_currency_is_shown_as_configured() -> None:
+    conf = rules.from_config({"high_value": {"threshold": "100.005"}})
+    (alert,) = run([tx(1, T0, 10_001)], conf)
+    assert alert.details["threshold"] == "100.005"
+
+
 def test_new_country_after_history() -> None:
     alerts = run([tx(1, T0), tx(2, T0 + 5 * 3_600_000, country="FR")])
     assert names(alerts) == ["new_country"]
@@ -121,6 +142,9 @@ def test_card_testing_five_small_amounts_in_ten_minutes() -> None:
     alerts = run([tx(i, T0 + i * MIN, 100) for i in range(5)])  # 1.00 each
     assert names(alerts) == ["card_testing"]
     assert alerts[0].details["count"] == 5
+    assert alerts[0].details["max_amount"] == "2.00"
+    (jpy,) = run([tx(i, T0 + i * MIN, 1, currency="JPY") for i in range(5)])  # 1 yen each
+    assert jpy.details["max_amount"] == "2"
 
 
 def test_card_testing_near_misses() -> None:
@@ -163,8 +187,11 @@ def test_bad_config_is_rejected(config: dict[str, dict[str, object]]) -> None:
 def test_alert_id_is_deterministic_per_rule_and_transaction() -> None:
     a = run([tx(1, T0, 2_000_000)])[0]
     b = run([tx(1, T0, 2_000_000)])[0]
-    assert a.alert_id == b.alert_id == alert_id("high_value", "acct", "t1")
-    assert alert_id("velocity", "acct", "t1") != a.alert_id
+    assert a.alert_id == b.alert_id == alert_id("high_value", "acct", "t1", T0)
+    assert alert_id("velocity", "acct", "t1", T0) != a.alert_id
+    # the id reused a day later is another transaction (counted again): another alert
+    later = run([tx(1, T0 + 86_400_000, 2_000_000)])[0]
+    assert later.alert_id == alert_id("high_value", "acct", "t1", T0 + 86_400_000) != a.alert_id
     body = a.to_json()
     assert body["severity"] == "high"
     assert body["event_time"] == "2026-09-21T14:13:20.000Z"

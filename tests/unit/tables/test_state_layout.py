@@ -109,9 +109,9 @@ def test_value_in_the_earlier_layout_is_read_and_upgraded() -> None:
 
 
 def test_bucket_pruned_in_the_batch_that_opened_it_is_not_encoded() -> None:
-    """A 2-day-late event opens a minute bucket that its own batch's prune drops at once."""
+    """A 3-day-late event opens a minute bucket that its own batch's prune drops at once."""
     state = AccountState.new()
-    late = NOW - 2 * DAY
+    late = NOW - 3 * DAY
     assert state.apply(txn("late", late, 300), 0, 1, RETENTION)
     state.prune(NOW, NOW, RETENTION)
     copy = AccountState.decode(state.encode())
@@ -136,3 +136,16 @@ def test_window_sums_beyond_64_bits_stay_exact() -> None:
         assert (stats.count, stats.total, stats.low) == (1_000, -1_000 * big, -big)
         assert isinstance(stats.total, int)
     assert final.apply(Transaction("t0", "acc-1", -big, "CLF", NOW), 0, 2_000, RETENTION) is False
+
+
+def test_rolling_day_ending_an_hour_ago_is_whole() -> None:
+    """``/rolling?span=24h&at=<an hour ago>`` reaches 25 hours back: minute windows are kept
+    long enough for a 24 h span ending anywhere in the last day."""
+    now = NOW + 10 * DAY
+    state = AccountState.new()
+    assert state.apply(txn("old", now - (24 * 60 + 20) * MIN, 1_000), 0, 1, RETENTION)
+    assert state.apply(txn("new", now - 2 * 60 * MIN, 2_000), 0, 2, RETENTION)
+    state.prune(now, now, RETENTION)
+    copy = AccountState.decode(state.encode())
+    rolling = copy.rolling(DAY, now - 60 * MIN)
+    assert (rolling.count, rolling.currencies["USD"].total) == (2, 3_000)
