@@ -15,7 +15,14 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from finflow import metrics
 from finflow.audit import actor_for_worker, record_config, rows_for_batch
-from finflow.db.writer import SnapshotRow, TxnRow, write_alerts, write_audit, write_batch
+from finflow.db.writer import (
+    SnapshotRow,
+    TxnRow,
+    stored_text,
+    write_alerts,
+    write_audit,
+    write_batch,
+)
 from finflow.settings import Settings
 from models.alerts import Alert
 
@@ -141,11 +148,6 @@ class DatabaseSink(Service):
             if not items and not await _known(cur, account_id):
                 return None
         return items
-
-
-def stored_text(text: str) -> str:
-    """``text`` as the database stores it (PostgreSQL text cannot hold NUL: U+FFFD)."""
-    return text.replace("\x00", "\ufffd")
 
 
 async def _known(cur: psycopg.AsyncCursor[Any], account_id: str) -> bool:

@@ -285,14 +285,20 @@ def _jsonable(row: TxnRow | SnapshotRow) -> dict[str, Any]:
     return {f.name: _plain(getattr(row, f.name)) for f in fields(row)}
 
 
+def stored_text(text: str) -> str:
+    """``text`` as the database stores it: PostgreSQL text and jsonb cannot hold NUL, so it
+    becomes U+FFFD (ids are looked up the same way)."""
+    return text.replace("\x00", "\ufffd")
+
+
 def _plain(value: Any) -> Any:
-    """JSON-safe value; jsonb cannot hold NUL characters, so they become U+FFFD."""
+    """JSON-safe value, text as :func:`stored_text` stores it."""
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
+        return stored_text(value)
     if isinstance(value, dict):
         return {_plain(str(k)): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

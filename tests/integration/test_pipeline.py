@@ -158,22 +158,7 @@ async def test_late_events_count_in_the_windows_still_kept(tmp_path: Path) -> No
     """
     now = int(time.time() * 1000)
     late = {"t-3d": now - 3 * DAY_MS, "t-10d": now - 10 * DAY_MS, "t-now": now}
-    records = [
-        Record(
-            b"acct-late",
-            orjson.dumps(
-                {
-                    "transaction_id": txid,
-                    "account_id": "acct-late",
-                    "amount": "7.25",
-                    "currency": "EUR",
-                    "timestamp": ms,
-                }
-            ),
-            "valid",
-        )
-        for txid, ms in late.items()
-    ]
+    records = [_txn("acct-late", txid, "7.25", "EUR", ms) for txid, ms in late.items()]
     with own_broker(tmp_path) as bootstrap, fresh_database(tmp_path) as db:
         worker = Worker(bootstrap, tmp_path, "w0", new_app_id(), database=db).start()
         try:
