@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -166,13 +167,12 @@ async def test_late_events_count_in_the_windows_still_kept(tmp_path: Path) -> No
             await produce(bootstrap, records)
             base = f"{worker.url}/accounts/acct-late/aggregates"
             async with aiohttp.ClientSession() as http:
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:
-                    assert worker.running, worker.log.read_text()[-3000:]
+
+                async def newest_counted() -> bool:
                     status, body = await get_json(http, f"{base}?window=1m&at={now}")
-                    if status == 200 and body["count"] == 1:
-                        break
-                    await asyncio.sleep(0.5)
+                    return status == 200 and body["count"] == 1
+
+                await wait_until(worker, newest_counted, 60)
                 counts = {}
                 for txid, ms in late.items():
                     for window in ("1m", "1h", "1d"):
@@ -233,14 +233,13 @@ async def test_extreme_valid_input_neither_stops_nor_stalls_the_worker(tmp_path:
             await produce(bootstrap, records)
             at = f"window=1m&at={minute}"
             async with aiohttp.ClientSession() as http:
-                deadline = time.monotonic() + 90
-                while time.monotonic() < deadline:
-                    assert worker.running, worker.log.read_text()[-3000:]
-                    status, _ = await get_json(http, f"{worker.url}/accounts/acct-after/alerts")
-                    written = dict(_database_counts(db))
-                    if status == 200 and written.get("acct-after") and worker_ready(worker):
-                        break
-                    await asyncio.sleep(0.5)
+
+                async def last_stored_and_ready() -> bool:
+                    # /readyz answers 503 while database writes fail
+                    ready, _ = await get_json(http, f"{worker.url}/readyz")
+                    return ready == 200 and bool(dict(_database_counts(db)).get("acct-after"))
+
+                await wait_until(worker, last_stored_and_ready, 90)
                 status, body = await get_json(
                     http, f"{worker.url}/accounts/acct-wide/aggregates?{at}"
                 )
@@ -277,15 +276,13 @@ async def test_extreme_valid_input_neither_stops_nor_stalls_the_worker(tmp_path:
             worker.stop()
 
 
-def worker_ready(worker: Worker) -> bool:
-    """``/readyz`` answers 200 (it answers 503 while database writes fail)."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{worker.url}/readyz", timeout=2) as resp:  # noqa: S310
-            return bool(resp.status == 200)
-    except OSError:
-        return False
+async def wait_until(worker: Worker, done: Callable[[], Awaitable[bool]], timeout: float) -> None:
+    """Poll ``done`` until it holds; fail at once (with the log) if the worker exits."""
+    deadline = time.monotonic() + timeout
+    while not await done():
+        assert worker.running, worker.log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"not done within {timeout:.0f} s"
+        await asyncio.sleep(0.5)
 
 
 def _database_counts(db: str) -> list[tuple[str, int]]:
