@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import Any
 
 from faust.types import TP
@@ -96,6 +97,11 @@ seek_before_resume(app)  # before the first rebalance: records are never cleared
 
 
 EXACTLY_ONCE = settings.processing_guarantee == "exactly_once"
+#: Batches still being stored while the next one is processed. The database's round trips
+#: run on the sink's own thread, so they proceed while this loop's CPU-bound processing of
+#: the next batch holds the event loop. Exactly-once: none (each batch's values go through
+#: Faust's transactional producer before the next one is processed).
+STORING_BEHIND = 0 if EXACTLY_ONCE else 1
 
 
 @app.task
@@ -103,48 +109,70 @@ async def ingest() -> None:
     """The ingest loop: batches of raw records in, each acked only after it is stored.
 
     Order within a batch: database rows and alerts (acked by the broker), then the table
-    values and their changelog records (acked by the broker), then the source records. A
-    crash anywhere replays the batch; every step before the table write is idempotent, and
-    records the table already reflects are recognised by their offsets.
+    values and their changelog records (acked by the broker), then the source records; each
+    batch's values and acks after the previous batch's. A crash anywhere replays the unacked
+    batches; every step before the table write is idempotent, and records the table already
+    reflects are recognised by their offsets.
     """
     within = min(settings.batch_within_ms, settings.sink_max_delay_ms) / 1000
     eager_delivery(app.consumer)
-    while not app.should_stop:
-        messages = await ingest_topic.take(settings.batch_size, within)
-        if not messages:
-            continue
-        try:
-            await store(messages, processor.process(messages))
-        except Exception as exc:
-            # Nothing of this batch is acked: a restart replays it. Stop loudly.
-            app.log.exception("ingest failed: %r", exc)
-            await app.crash(exc)
-            return
+    storing: deque[asyncio.Task[None]] = deque()
+    try:
+        while not app.should_stop:
+            messages = await ingest_topic.take(settings.batch_size, within)
+            while storing and (storing[0].done() or (len(storing) > STORING_BEHIND and messages)):
+                oldest = storing.popleft()
+                await asyncio.wait([oldest])
+                if oldest.cancelled() or oldest.exception() is not None:
+                    return  # it stopped the worker (see store)
+            if not messages:
+                continue
+            batch = processor.process(messages)  # sees the values of batches still storing
+            previous = storing[-1] if storing else None
+            storing.append(asyncio.create_task(store(messages, batch, previous)))
+    finally:
+        for task in storing:
+            task.cancel()
 
 
-async def store(messages: list[Any], batch: Batch) -> None:
-    """Write a processed batch everywhere it goes, then ack its source records."""
-    # Rows and alerts both go before the table values; they do not depend on each other.
-    before_values = []
-    if settings.sink_enabled:
-        before_values.append(
-            sink.write(batch.txns, batch.snapshots, batch.alerts, batch.rejections)
-        )
-    if batch.alerts:
-        before_values.append(publish_alerts(batch.alerts))
-    await asyncio.gather(*before_values)
-    if EXACTLY_ONCE:
-        processor.commit(batch)  # through Faust's transactional producer
-    else:
-        await asyncio.gather(
-            *(accounts.write_batch_acked(p, items) for p, items in batch.writes.items())
-        )
-    await cache.publish(batch.writes)  # queued for a background writer; never blocks
-    consumer = app.consumer
-    for message in messages:
-        message.ack(consumer)
-    metrics.observe_batch(batch.result)
-    positions.update(batch.result.positions)
+async def store(messages: list[Any], batch: Batch, previous: asyncio.Task[None] | None) -> None:
+    """Write a processed batch everywhere it goes, then ack its source records.
+
+    Any failure stops the worker: nothing of the batch (or of later ones) is acked, so a
+    restart replays it.
+    """
+    try:
+        # Rows and alerts both go before the table values; they do not depend on each other
+        # nor on the previous batch (idempotent writes).
+        before_values = []
+        if settings.sink_enabled:
+            before_values.append(
+                sink.write(batch.txns, batch.snapshots, batch.alerts, batch.rejections)
+            )
+        if batch.alerts:
+            before_values.append(publish_alerts(batch.alerts))
+        await asyncio.gather(*before_values)
+        if previous is not None:
+            await previous  # its values (and acks) first
+        if EXACTLY_ONCE:
+            processor.commit(batch)  # through Faust's transactional producer
+        else:
+            await asyncio.gather(
+                *(accounts.write_batch_acked(p, items) for p, items in batch.writes.items())
+            )
+            processor.release(batch)
+        await cache.publish(batch.writes)  # queued for a background writer; never blocks
+        consumer = app.consumer
+        for message in messages:
+            message.ack(consumer)
+        metrics.observe_batch(batch.result)
+        positions.update(batch.result.positions)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        app.log.exception("ingest failed: %r", exc)
+        await app.crash(exc)
+        raise
 
 
 positions: dict[tuple[str, int], int] = {}

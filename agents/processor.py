@@ -126,6 +126,9 @@ class IngestProcessor:
         # Partition of each recently seen account key (murmur2 in pure Python costs more than
         # the lookup); cleared when it grows past a bound, so memory stays flat.
         self._partition_of: dict[bytes, int] = {}
+        # Values of processed batches not yet written to the table (see ``release``): the
+        # next batch is processed while the previous one is being stored, and must see them.
+        self._pending: dict[tuple[int, bytes], bytes] = {}
 
     def process(self, messages: Sequence[MessageLike], now_ms: int | None = None) -> Batch:
         """Apply one batch to account states in memory; nothing is written yet (see commit)."""
@@ -177,6 +180,21 @@ class IngestProcessor:
         """Write the batch's account values (and their changelog records)."""
         for partition, items in batch.writes.items():
             self.table.write_batch(partition, items)
+        self.release(batch)
+
+    def release(self, batch: Batch) -> None:
+        """Forget the batch's values once the table holds them (values a later batch
+        replaced stay until that batch is released)."""
+        pending = self._pending
+        for partition, items in batch.writes.items():
+            for key, value in items.items():
+                if pending.get((partition, key)) is value:
+                    del pending[(partition, key)]
+
+    @property
+    def unreleased(self) -> int:
+        """Account values processed but not yet written to the table."""
+        return len(self._pending)
 
     def _validate(
         self, msg: MessageLike, now_ms: int, oldest_ms: int, batch: Batch
@@ -220,11 +238,17 @@ class IngestProcessor:
         return partition
 
     def _load_all(self, slots: set[tuple[int, bytes]]) -> dict[tuple[int, bytes], AccountState]:
-        """The state of every account slot: one RocksDB multi-get per partition."""
+        """The state of every account slot: the value of a batch not yet written to the table,
+        else one RocksDB multi-get per partition."""
         keys_of: dict[int, list[bytes]] = {}
-        for partition, key in slots:
-            keys_of.setdefault(partition, []).append(key)
         states: dict[tuple[int, bytes], AccountState] = {}
+        pending = self._pending
+        for slot in slots:
+            value = pending.get(slot)
+            if value is not None:
+                states[slot] = AccountState.decode(value)
+            else:
+                keys_of.setdefault(slot[0], []).append(slot[1])
         for partition, keys in keys_of.items():
             for key, found in zip(keys, self.table.read_many(partition, keys), strict=True):
                 states[(partition, key)] = (
@@ -246,5 +270,6 @@ class IngestProcessor:
             state.prune(now_ms, wall_ms, self.conf.retention)
             if self.rows:  # before encode, which seals the buckets again
                 batch.snapshots.extend(rows.snapshot_rows(key.decode(), state))
-            batch.writes.setdefault(partition, {})[key] = state.encode()
+            value = batch.writes.setdefault(partition, {})[key] = state.encode()
+            self._pending[slot] = value
         batch.result.accounts = len(changed)

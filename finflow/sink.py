@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from mode import Service
@@ -29,6 +31,59 @@ from models.alerts import Alert
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 5.0
 HISTORY_LIMIT = 10_000
+T = TypeVar("T")
+
+
+class WriterThread:
+    """An event loop on a thread of its own, with its own connection, for the batch writes.
+
+    The worker processes the next batch while the previous one is stored; that processing is
+    CPU-bound and holds the worker's event loop, so round trips driven from that loop would
+    wait for it. Here they wait in ``epoll``, which releases the GIL: the database works on
+    one batch while the worker computes the next (measured, storage on: see the README).
+    Writes run one at a time, in submission order.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="finflow-db-writer")
+        self.thread.daemon = True
+        self._pool: AsyncConnectionPool | None = None
+
+    def start(self) -> None:
+        self.thread.start()
+
+    @property
+    def pool(self) -> AsyncConnectionPool:
+        """The writes' pool (one connection); only on the writer's loop."""
+        if self._pool is None:
+            self._pool = AsyncConnectionPool(
+                self.url,
+                min_size=1,
+                max_size=1,
+                open=False,
+                timeout=5.0,
+                check=AsyncConnectionPool.check_connection,
+            )
+        return self._pool
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the writer's loop; cancelling the caller cancels it there."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    async def open(self) -> None:
+        await self.run(self._open())
+
+    async def _open(self) -> None:
+        await self.pool.open(wait=False)  # created here: a pool belongs to its loop
+
+    async def stop(self) -> None:
+        if self.thread.is_alive():
+            if self._pool is not None:
+                await self.run(self._pool.close())
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            await asyncio.to_thread(self.thread.join)
 
 
 class DatabaseSink(Service):
@@ -55,9 +110,12 @@ class DatabaseSink(Service):
         self.actor = actor_for_worker(conf)
         self.config_recorded = False
         self.rows_dead_lettered = 0
+        self.writer = WriterThread(conf.database_url)
 
     async def on_start(self) -> None:
         await self.pool.open(wait=False)
+        self.writer.start()
+        await self.writer.open()
 
     @Service.task
     async def _audit_configuration(self) -> None:
@@ -73,6 +131,7 @@ class DatabaseSink(Service):
 
     async def on_stop(self) -> None:
         await self.pool.close()
+        await self.writer.stop()
 
     async def write(
         self,
@@ -84,11 +143,21 @@ class DatabaseSink(Service):
         """Commit the rows, retrying with backoff on any database failure."""
         if not txns and not snapshots and not alerts and not rejections:
             return
+        await self.writer.run(self._write(txns, snapshots, alerts, rejections))
+
+    async def _write(
+        self,
+        txns: Sequence[TxnRow],
+        snapshots: Sequence[SnapshotRow],
+        alerts: Sequence[Alert],
+        rejections: Sequence[Any],
+    ) -> None:
+        """On the writer's loop."""
         delay = 0.1
         while True:
             started = time.monotonic()
             try:
-                async with self.pool.connection() as conn:
+                async with self.writer.pool.connection() as conn:
                     dead = await write_batch(conn, txns, snapshots)
                     await write_alerts(conn, alerts)
                     await write_audit(conn, rows_for_batch(self.actor, alerts, rejections))
@@ -97,7 +166,7 @@ class DatabaseSink(Service):
                 self._failed(exc)
                 if self.should_stop:
                     raise
-                await self.sleep(delay)
+                await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF_S)
                 continue
             metrics.SINK_SECONDS.observe(time.monotonic() - started)

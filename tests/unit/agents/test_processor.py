@@ -78,6 +78,22 @@ def test_each_batch_builds_on_the_committed_values() -> None:
     assert stored_count(table) == 3
 
 
+def test_a_batch_builds_on_the_previous_one_while_that_one_is_still_being_stored() -> None:
+    table = DictTable()
+    proc = processor(table)
+    first = proc.process([record(0, "t0"), record(1, "t1")], now_ms=NOW)  # not yet in the table
+    second = proc.process([record(2, "t2"), record(1, "t1"), record(3, "t1")], now_ms=NOW)
+    assert (second.result.accepted, second.result.replayed, second.result.duplicates) == (1, 1, 1)
+    assert proc.unreleased == 1
+    table.write_batch(0, first.writes[key_partition(b"acc-1", PARTITIONS)])
+    proc.release(first)  # the second batch's newer value stays visible
+    third = proc.process([record(4, "t4")], now_ms=NOW)
+    assert third.result.accepted == 1
+    proc.release(second)
+    proc.commit(third)
+    assert (stored_count(table), proc.unreleased) == (4, 0)
+
+
 def test_redelivered_records_are_recognised_by_offset() -> None:
     table = DictTable()
     proc = processor(table)

@@ -1,0 +1,38 @@
+"""The database sink's writer thread: batch writes proceed while the worker's loop is busy."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+from finflow.settings import Settings
+from finflow.sink import DatabaseSink
+from tests.integration.db.test_writer import txn
+
+pytestmark = pytest.mark.asyncio
+COUNT = "SELECT count(*) FROM finflow.transactions"
+
+
+async def test_a_batch_is_written_while_the_worker_loop_is_busy(
+    fallback: psycopg.AsyncConnection[Any], conf: Settings
+) -> None:
+    sink = DatabaseSink(conf)
+    await sink.start()
+    try:
+        writing = asyncio.ensure_future(sink.write([txn(i) for i in range(300)], []))
+        await asyncio.sleep(0)  # submitted
+        # The worker's loop now processes the next batch (CPU-bound: nothing else runs on it);
+        # the rows must still reach the database meanwhile.
+        deadline = time.monotonic() + 10
+        with psycopg.connect(conf.database_url) as check:
+            while (check.execute(COUNT).fetchone() or (0,))[0] < 300:
+                assert time.monotonic() < deadline, "the write waited for the busy loop"
+                time.sleep(0.01)
+        await writing
+        assert sink.rows_written == 300
+    finally:
+        await sink.stop()
