@@ -31,7 +31,7 @@ async def test_a_batch_is_written_while_the_worker_loop_is_busy(
         with psycopg.connect(conf.database_url) as check:
             while (check.execute(COUNT).fetchone() or (0,))[0] < 300:
                 assert time.monotonic() < deadline, "the write waited for the busy loop"
-                time.sleep(0.01)
+                time.sleep(0.01)  # noqa: ASYNC251 - the loop is blocked on purpose
         await writing
         assert sink.rows_written == 300
     finally:
