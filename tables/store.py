@@ -77,10 +77,11 @@ class PartitionedTable(faust.Table):
         """Store ``items`` in the local store of ``partition`` (no changelog)."""
         store: Any = self.data
         if isinstance(store, rocksdb.Store):
+            # Faust's key -> partition index (an LRU with a lock per update) is not kept: it
+            # serves lookups without a partition, and every read here names its partition.
             batch = WriteBatch(raw_mode=True)  # faust picks rocksdict (pinned) for rocksdb://
             for key, value in items.items():
                 batch.put(key, value)
-                store._key_index[key] = partition
             store._db_for_partition(partition).write(batch)
         else:
             store.data.update(items)

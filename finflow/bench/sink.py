@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
 import psycopg
 
 from finflow.db.schema import ensure_database, migrate
-from finflow.db.writer import SnapshotRow, TxnRow, write_batch
+from finflow.db.writer import SnapshotRow, TxnRow, typed_snapshot, typed_txn, write_batch
 from finflow.settings import Settings
 
 _INSERT_TXN = (
@@ -29,13 +27,14 @@ _UPSERT_SNAP = (
 
 
 def _rows(n: int, seed: str) -> tuple[list[TxnRow], list[SnapshotRow]]:
-    now = datetime.now(tz=UTC).replace(second=0, microsecond=0)
+    now = int(time.time()) // 60 * 60_000
     txns = [
         TxnRow(
             f"acct-{i % 50_000}",
             f"{seed}-{i}",
-            now - timedelta(seconds=i % 3600),
-            Decimal(i % 100_000) / 100 + Decimal("0.01"),
+            now - i % 3600 * 1000,
+            i % 100_000 + 1,
+            2,
             "USD",
             merchant_id="m",
             country="US",
@@ -44,16 +43,7 @@ def _rows(n: int, seed: str) -> tuple[list[TxnRow], list[SnapshotRow]]:
     ]
     snaps = [
         SnapshotRow(
-            f"acct-{i}",
-            "1m",
-            now,
-            now + timedelta(minutes=1),
-            3,
-            2,
-            now,
-            now,
-            {"USD": [3, 1500, 100, 900]},
-            3,
+            f"acct-{i}", "1m", now, now + 60_000, 3, 2, now, now, {"USD": [3, 1500, 100, 900]}, 3
         )
         for i in range(n)
     ]
@@ -95,27 +85,14 @@ async def _run(url: str, conf: Settings, rows: int, batch: int) -> dict[str, Any
                     await cur.executemany(sql, params[i : i + batch])
 
         txn_params = [
-            (
-                t.account_id,
-                t.transaction_id,
-                t.event_time,
-                t.amount,
-                t.currency,
-                t.merchant_id,
-                t.country,
-            )
+            (t.account_id, t.transaction_id, *typed_txn(t)[2:5], t.merchant_id, t.country)
             for t in many_txns
         ]
         snap_params = [
             (
                 s.account_id,
                 "1h",
-                s.window_start,
-                s.window_end,
-                s.count,
-                s.distinct_merchants,
-                s.first_event_at,
-                s.last_event_at,
+                *typed_snapshot(s)[2:8],
                 psycopg.types.json.Jsonb(s.currencies),
                 s.version,
             )

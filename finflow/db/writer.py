@@ -6,10 +6,10 @@ import json
 import logging
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import psycopg
@@ -24,16 +24,18 @@ log = logging.getLogger(__name__)
 BAD_DATA = (psycopg.DataError, psycopg.IntegrityError, TypeError, ValueError, OverflowError)
 
 
-# Rows are built per record on the hot path: plain slots dataclasses (a frozen one's
-# ``__init__`` sets each field through ``object.__setattr__``, twice as slow).
-@dataclass(slots=True)
-class TxnRow:
-    """One row of ``finflow.transactions``; datetimes timezone-aware."""
+# Rows are built per record on the hot path: named tuples of plain integers and strings,
+# handed to COPY as they are. Times are epoch milliseconds and amounts integer minor units;
+# PostgreSQL makes timestamps and decimals of them (``_ts``, ``_AMOUNT``), which in Python
+# cost a datetime and a Decimal per value.
+class TxnRow(NamedTuple):
+    """One row of ``finflow.transactions``: ``amount`` is ``amount_minor / 10**minor_digits``."""
 
     account_id: str
     transaction_id: str
-    event_time: datetime
-    amount: Decimal
+    event_ms: int
+    amount_minor: int
+    minor_digits: int
     currency: str
     merchant_id: str | None = None
     mcc: str | None = None
@@ -44,18 +46,17 @@ class TxnRow:
     source_offset: int | None = None
 
 
-@dataclass(slots=True)
-class SnapshotRow:
-    """One row of ``finflow.window_snapshots``; ``currencies`` is JSON-ready (decimal strings)."""
+class SnapshotRow(NamedTuple):
+    """One row of ``finflow.window_snapshots``; ``currencies`` is JSON-ready."""
 
     account_id: str
     window_size: str
-    window_start: datetime
-    window_end: datetime
-    count: int
+    start_ms: int
+    end_ms: int
+    events: int  # the ``count`` column
     distinct_merchants: int
-    first_event_at: datetime | None
-    last_event_at: datetime | None
+    first_ms: int | None
+    last_ms: int | None
     currencies: dict[str, Any]
     version: int
 
@@ -79,24 +80,34 @@ _SNAP_COLS = (
     "account_id, window_size, window_start, window_end, count, distinct_merchants,"
     " first_event_at, last_event_at, currencies, version"
 )
-# Staging columns are loose (text, numeric, bigint) so every rule is checked by the INSERT.
-_TXN_TYPES = ["text", "text", "timestamptz", "numeric"] + ["text"] * 6 + ["int8", "int8"]
-_SNAP_TYPES = ["text", "text", "timestamptz", "timestamptz", "int8", "int8"]
-_SNAP_TYPES += ["timestamptz", "timestamptz", "jsonb", "int8"]
+# Staging columns are loose (text, bigint) so every rule is checked by the INSERT.
+_STAGE_TXN_COLS = ", ".join(TxnRow._fields)
+_STAGE_SNAP_COLS = ", ".join(SnapshotRow._fields)
+_TXN_TYPES = ["text", "text", "int8", "int8", "int4"] + ["text"] * 6 + ["int8", "int8"]
+_SNAP_TYPES = ["text", "text", "int8", "int8", "int8", "int8", "int8", "int8", "jsonb", "int8"]
 _STAGING = """
-CREATE TEMP TABLE IF NOT EXISTS finflow_stage_txn (
-    account_id text COLLATE "C", transaction_id text COLLATE "C", event_time timestamptz,
-    amount numeric, currency text, merchant_id text, mcc text, country text, channel text,
-    source_topic text, source_partition bigint, source_offset bigint
+CREATE TEMP TABLE IF NOT EXISTS finflow_stage_txn_ms (
+    account_id text COLLATE "C", transaction_id text COLLATE "C", event_ms bigint,
+    amount_minor bigint, minor_digits int, currency text, merchant_id text, mcc text,
+    country text, channel text, source_topic text, source_partition bigint, source_offset bigint
 ) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS finflow_stage_snap (
-    account_id text COLLATE "C", window_size text, window_start timestamptz, window_end timestamptz,
-    count bigint, distinct_merchants bigint, first_event_at timestamptz,
-    last_event_at timestamptz, currencies jsonb, version bigint
+CREATE TEMP TABLE IF NOT EXISTS finflow_stage_snap_ms (
+    account_id text COLLATE "C", window_size text, start_ms bigint, end_ms bigint,
+    events bigint, distinct_merchants bigint, first_ms bigint, last_ms bigint,
+    currencies jsonb, version bigint
 ) ON COMMIT DELETE ROWS
 """
-_COPY_TXN = f"COPY pg_temp.finflow_stage_txn ({_TXN_COLS}) FROM STDIN (FORMAT BINARY)"
-_COPY_SNAP = f"COPY pg_temp.finflow_stage_snap ({_SNAP_COLS}) FROM STDIN (FORMAT BINARY)"
+_COPY_TXN = f"COPY pg_temp.finflow_stage_txn_ms ({_STAGE_TXN_COLS}) FROM STDIN (FORMAT BINARY)"
+_COPY_SNAP = f"COPY pg_temp.finflow_stage_snap_ms ({_STAGE_SNAP_COLS}) FROM STDIN (FORMAT BINARY)"
+
+
+def _ts(ms: str) -> str:
+    """SQL of the timestamptz of epoch milliseconds ``ms``, exact: whole seconds (exact in a
+    float8 for every year to 9999) plus the milliseconds as an interval."""
+    return f"(to_timestamp({ms} / 1000) + ({ms} % 1000) * interval '1 millisecond')"
+
+
+_AMOUNT = "amount_minor::numeric / power(10::numeric, minor_digits)"
 _UPSERT_SNAP = """
 ON CONFLICT (account_id, window_size, window_start) DO UPDATE SET
     window_end = EXCLUDED.window_end, count = EXCLUDED.count,
@@ -109,7 +120,9 @@ WHERE (finflow.window_snapshots.count, finflow.window_snapshots.version)
 # Sorted so that two writers touching the same keys lock them in the same order.
 _INSERT_TXN = f"""
 INSERT INTO finflow.transactions ({_TXN_COLS})
-SELECT {_TXN_COLS} FROM pg_temp.finflow_stage_txn ORDER BY account_id, transaction_id
+SELECT account_id, transaction_id, {_ts("event_ms")}, {_AMOUNT}, currency, merchant_id, mcc,
+       country, channel, source_topic, source_partition, source_offset
+FROM pg_temp.finflow_stage_txn_ms ORDER BY account_id, transaction_id
 ON CONFLICT DO NOTHING
 """  # noqa: S608 - constant column lists
 # DISTINCT ON: one row per key (the newest); DO UPDATE cannot touch a row twice. Newest is
@@ -120,9 +133,11 @@ ON CONFLICT DO NOTHING
 # a higher version than the complete one.
 _INSERT_SNAP = f"""
 INSERT INTO finflow.window_snapshots ({_SNAP_COLS})
-SELECT DISTINCT ON (account_id, window_size, window_start) {_SNAP_COLS}
-FROM pg_temp.finflow_stage_snap
-ORDER BY account_id, window_size, window_start, count DESC, version DESC
+SELECT DISTINCT ON (account_id, window_size, start_ms) account_id, window_size,
+       {_ts("start_ms")}, {_ts("end_ms")}, events, distinct_merchants, {_ts("first_ms")},
+       {_ts("last_ms")}, currencies, version
+FROM pg_temp.finflow_stage_snap_ms
+ORDER BY account_id, window_size, start_ms, events DESC, version DESC
 {_UPSERT_SNAP}"""  # noqa: S608 - constant column lists
 _ONE_TXN = f"""
 INSERT INTO finflow.transactions ({_TXN_COLS})
@@ -145,33 +160,35 @@ def _json(obj: Any) -> bytes:
         return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def _txn_tuple(r: TxnRow) -> tuple[Any, ...]:
-    return (
-        r.account_id,
-        r.transaction_id,
-        r.event_time,
-        r.amount,
-        r.currency,
-        r.merchant_id,
-        r.mcc,
-        r.country,
-        r.channel,
-        r.source_topic,
-        r.source_partition,
-        r.source_offset,
-    )
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _snap_tuple(r: SnapshotRow) -> tuple[Any, ...]:
+def utc(ms: int) -> datetime:
+    """The UTC datetime of epoch milliseconds, exactly (as ``_ts`` in SQL)."""
+    return _EPOCH + timedelta(milliseconds=ms)
+
+
+def _opt_utc(ms: int | None) -> datetime | None:
+    return None if ms is None else utc(ms)
+
+
+def typed_txn(r: TxnRow) -> tuple[Any, ...]:
+    """The row's values as the table's columns hold them (``_TXN_COLS``)."""
+    amount = Decimal(r.amount_minor).scaleb(-r.minor_digits)
+    return (r.account_id, r.transaction_id, utc(r.event_ms), amount, *r[5:])
+
+
+def typed_snapshot(r: SnapshotRow) -> tuple[Any, ...]:
+    """The row's values as the table's columns hold them (``_SNAP_COLS``)."""
     return (
         r.account_id,
         r.window_size,
-        r.window_start,
-        r.window_end,
-        r.count,
+        utc(r.start_ms),
+        utc(r.end_ms),
+        r.events,
         r.distinct_merchants,
-        r.first_event_at,
-        r.last_event_at,
+        _opt_utc(r.first_ms),
+        _opt_utc(r.last_ms),
         r.currencies,
         r.version,
     )
@@ -230,14 +247,14 @@ async def _write_bulk(
             async with cur.copy(_COPY_TXN) as copy:
                 copy.set_types(_TXN_TYPES)
                 for txn in txns:
-                    await copy.write_row(_txn_tuple(txn))
+                    await copy.write_row(txn)
             await cur.execute(_INSERT_TXN)
         if snaps:
             set_json_dumps(_json, context=cur)  # ~2x json.dumps; currencies is JSON-ready
             async with cur.copy(_COPY_SNAP) as copy:
                 copy.set_types(_SNAP_TYPES)
                 for snap in snaps:
-                    await copy.write_row(_snap_tuple(snap))
+                    await copy.write_row(snap)
             await cur.execute(_INSERT_SNAP)
 
 
@@ -248,10 +265,9 @@ async def _write_rows(
     rejected = 0
     async with conn.transaction(), conn.cursor() as cur:
         for txn in txns:
-            rejected += await _write_row(conn, cur, "transactions", txn, _ONE_TXN, _txn_tuple(txn))
+            rejected += await _write_row(conn, cur, "transactions", txn)
         for snap in snaps:
-            params = (*_snap_tuple(snap)[:8], Jsonb(snap.currencies), snap.version)
-            rejected += await _write_row(conn, cur, "window_snapshots", snap, _ONE_SNAP, params)
+            rejected += await _write_row(conn, cur, "window_snapshots", snap)
     return rejected
 
 
@@ -260,29 +276,31 @@ async def _write_row(
     cur: psycopg.AsyncCursor[Any],
     table: str,
     row: TxnRow | SnapshotRow,
-    query: str,
-    params: tuple[Any, ...],
 ) -> int:
     try:
         async with conn.transaction():
-            _check_aware(row)
-            await cur.execute(query, params)
+            if isinstance(row, TxnRow):
+                await cur.execute(_ONE_TXN, typed_txn(row))
+            else:
+                params = typed_snapshot(row)
+                await cur.execute(_ONE_SNAP, (*params[:8], Jsonb(row.currencies), row.version))
     except BAD_DATA as exc:
         await cur.execute(_DEAD, (table, Jsonb(_jsonable(row)), str(exc)))
         return 1
     return 0
 
 
-def _check_aware(row: TxnRow | SnapshotRow) -> None:
-    """Naive datetimes would be read in the session time zone: reject them like COPY does."""
-    for f in fields(row):
-        value = getattr(row, f.name)
-        if isinstance(value, datetime) and value.utcoffset() is None:
-            raise ValueError(f"{f.name} is a naive datetime")
-
-
 def _jsonable(row: TxnRow | SnapshotRow) -> dict[str, Any]:
-    return {f.name: _plain(getattr(row, f.name)) for f in fields(row)}
+    """The row as the table's columns (times and amounts as text), or as built when those
+    cannot be made of it (a time out of range)."""
+    try:
+        if isinstance(row, TxnRow):
+            names, values = _TXN_COLS.split(", "), typed_txn(row)
+        else:
+            names, values = _SNAP_COLS.split(", "), typed_snapshot(row)
+    except (OverflowError, ValueError):
+        names, values = list(row._fields), tuple(row)
+    return {name.strip(): _plain(value) for name, value in zip(names, values, strict=True)}
 
 
 def stored_text(text: str) -> str:

@@ -21,7 +21,10 @@ T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 
 
 def row(account: str, i: int, at: datetime, amount: str = "5.00") -> TxnRow:
-    return TxnRow(account, f"{account}-{i}", at, Decimal(amount), "USD", country="US")
+    cents = int(Decimal(amount) * 100)
+    return TxnRow(
+        account, f"{account}-{i}", int(at.timestamp() * 1000), cents, 2, "USD", country="US"
+    )
 
 
 def replay(url: str, *extra: str) -> dict[str, int]:

@@ -54,7 +54,8 @@ async def _partitions(conn: Conn, table: str) -> set[str]:
 
 
 def _txn(i: int, at: datetime, account: str = "a1", currency: str = "USD") -> TxnRow:
-    return TxnRow(account, f"t{i}", at, Decimal(i) / 4 - 7, currency)
+    """Amount ``i / 4 - 7``, in cents."""
+    return TxnRow(account, f"t{i}", int(at.timestamp() * 1000), i * 25 - 700, 2, currency)
 
 
 async def test_migrate_twice_is_a_no_op(conn: Conn, conf: Settings, storage: str) -> None:
@@ -175,8 +176,10 @@ async def test_rows_waiting_in_default_move_into_their_new_partition(
 def _expected_rollup(rows: list[TxnRow]) -> dict[tuple[datetime, str, str], tuple[Any, ...]]:
     groups: dict[tuple[datetime, str, str], list[Decimal]] = {}
     for r in rows:
-        key = (r.event_time.replace(minute=0, second=0, microsecond=0), r.account_id, r.currency)
-        groups.setdefault(key, []).append(r.amount)
+        hour = datetime.fromtimestamp(r.event_ms // 3_600_000 * 3600, UTC)
+        groups.setdefault((hour, r.account_id, r.currency), []).append(
+            Decimal(r.amount_minor) / 100
+        )
     return {k: (len(v), sum(v), min(v), max(v)) for k, v in groups.items()}
 
 

@@ -30,12 +30,17 @@ FROM finflow.window_snapshots ORDER BY account_id, window_size, window_start
 DEAD_SELECT = "SELECT table_name, row, error FROM finflow.sink_dead_letters ORDER BY id"
 
 
+def ms(at: datetime) -> int:
+    return int(at.timestamp() * 1000)
+
+
 def txn(i: int, **changes: Any) -> TxnRow:
     values: dict[str, Any] = {
         "account_id": f"acct-{i % 7}",
         "transaction_id": f"tx-{i:05d}",
-        "event_time": T0 + timedelta(seconds=i),
-        "amount": Decimal(i) / 100 + Decimal("0.01"),
+        "event_ms": ms(T0 + timedelta(seconds=i)) + i % 1000,
+        "amount_minor": i * 100 + 1,  # i + 0.01 in minor units
+        "minor_digits": 2,
         "currency": "USD",
         "merchant_id": f"m-{i % 13}",
         "mcc": "5411",
@@ -49,24 +54,38 @@ def txn(i: int, **changes: Any) -> TxnRow:
 
 
 def snap(i: int, version: int = 1, **changes: Any) -> SnapshotRow:
-    start = T0.replace(second=0) + timedelta(minutes=i)
+    start = ms(T0.replace(second=0) + timedelta(minutes=i))
     values: dict[str, Any] = {
         "account_id": f"acct-{i % 7}",
         "window_size": "1m",
-        "window_start": start,
-        "window_end": start + timedelta(minutes=1),
-        "count": version,
+        "start_ms": start,
+        "end_ms": start + 60_000,
+        "events": version,
         "distinct_merchants": 1,
-        "first_event_at": start,
-        "last_event_at": start + timedelta(seconds=30),
+        "first_ms": start,
+        "last_ms": start + 30_999,
         "currencies": {"USD": {"count": version, "sum": "12.50", "min": "-1.00", "max": "9.00"}},
         "version": version,
     }
     return SnapshotRow(**{**values, **changes})
 
 
+def at_ms(value: int | None) -> datetime | None:
+    return (
+        None
+        if value is None
+        else datetime.fromtimestamp(value // 1000, UTC).replace(microsecond=value % 1000 * 1000)
+    )
+
+
 def as_row(r: TxnRow | SnapshotRow) -> tuple[Any, ...]:
-    return tuple(getattr(r, name) for name in r.__slots__)
+    """The row as SELECTed back: timestamps and exact decimals."""
+    if isinstance(r, TxnRow):
+        amount = Decimal(r.amount_minor) / 10**r.minor_digits
+        return (r.account_id, r.transaction_id, at_ms(r.event_ms), amount, *r[5:])
+    times = [at_ms(v) for v in (r.start_ms, r.end_ms)]
+    events = [at_ms(v) for v in (r.first_ms, r.last_ms)]
+    return (r.account_id, r.window_size, *times, r.events, r.distinct_merchants, *events, *r[8:])
 
 
 async def rows(conn: Conn, query: str) -> list[tuple[Any, ...]]:
@@ -88,7 +107,7 @@ async def test_the_same_batch_twice_stores_every_row_once(migrated: Conn) -> Non
 async def test_an_older_snapshot_never_overwrites_a_newer_one(migrated: Conn) -> None:
     await write_batch(migrated, [], [snap(1, version=5)])
     await write_batch(migrated, [], [snap(1, version=4)])
-    await write_batch(migrated, [], [snap(1, version=9, count=4)])  # fewer events: older
+    await write_batch(migrated, [], [snap(1, version=9, events=4)])  # fewer events: older
     assert await rows(migrated, SNAP_SELECT) == [as_row(snap(1, version=5))]
     await write_batch(migrated, [], [snap(1, version=5, distinct_merchants=2)])
     await write_batch(migrated, [], [snap(1, version=6)])
@@ -101,9 +120,9 @@ async def test_more_events_in_the_window_win_over_a_higher_account_version(
     """A worker that crashed wrote the window after 1 of its events at account version 4;
     the worker replaying the account applied the window's 2 events first (its by-account
     records came later) and writes it complete at version 2: the complete window wins."""
-    await write_batch(migrated, [], [snap(1, version=4, count=1)])
-    await write_batch(migrated, [], [snap(1, version=2, count=2)])
-    assert await rows(migrated, SNAP_SELECT) == [as_row(snap(1, version=2, count=2))]
+    await write_batch(migrated, [], [snap(1, version=4, events=1)])
+    await write_batch(migrated, [], [snap(1, version=2, events=2)])
+    assert await rows(migrated, SNAP_SELECT) == [as_row(snap(1, version=2, events=2))]
 
 
 async def test_one_batch_with_several_versions_of_a_window_keeps_the_newest(
@@ -116,10 +135,10 @@ async def test_one_batch_with_several_versions_of_a_window_keeps_the_newest(
 
 async def test_bad_rows_go_to_dead_letters_and_the_rest_lands(migrated: Conn) -> None:
     bad_txns = [
-        txn(100, amount=Decimal("1e23")),  # beyond numeric(26,4)
+        txn(100, amount_minor=10**25, minor_digits=0),  # beyond bigint and numeric(26,4)
         txn(101, currency="DOLLAR"),  # longer than char(3)
         txn(102, merchant_id="m\x00"),  # PostgreSQL text cannot hold NUL
-        txn(103, event_time=datetime(2024, 5, 5, 10, 30)),  # noqa: DTZ001 - naive on purpose
+        txn(103, event_ms=253_402_300_800_000),  # 10000-01-01: past every timestamp
     ]
     good_txns = [txn(i) for i in range(20)]
     bad_snaps = [
@@ -149,18 +168,19 @@ async def test_bad_rows_go_to_dead_letters_and_the_rest_lands(migrated: Conn) ->
     errors = [error for *_, error in dead]
     assert "numeric field overflow" in errors[0]
     assert "too long" in errors[1]
-    assert "naive" in errors[3]
+    assert "out of range" in errors[3]
     assert "check constraint" in errors[4]
     assert "JSON serializable" in errors[5]
-    assert dead[0][1]["amount"] == "1E+23"
+    assert dead[0][1]["amount"] == str(10**25)
+    assert dead[3][1]["event_ms"] == 253_402_300_800_000  # no time to show: as built
     assert dead[5][1]["currencies"] == {"USD": {"sum": "1.50"}}
     assert dead[2][1]["merchant_id"] == "m\ufffd"
 
 
 async def test_copy_handles_missing_optional_fields_and_negative_amounts(migrated: Conn) -> None:
-    bare = TxnRow("acct-1", "refund-1", T0, Decimal("-12.3456"), "EUR")
-    big = txn(1, amount=Decimal("-9999999999999999999999.9999"), source_offset=2**62)
-    empty = snap(1, first_event_at=None, last_event_at=None, currencies={}, count=0)
+    bare = TxnRow("acct-1", "refund-1", ms(T0), -123456, 4, "CLF")
+    big = txn(1, amount_minor=-(2**63) + 1, minor_digits=0, source_offset=2**62)
+    empty = snap(1, first_ms=None, last_ms=None, currencies={}, events=0)
     assert await write_batch(migrated, [bare, big], [empty]) == 0
     assert await rows(migrated, TXN_SELECT) == sorted([as_row(bare), as_row(big)])
     assert await rows(migrated, SNAP_SELECT) == [as_row(empty)]
