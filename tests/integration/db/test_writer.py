@@ -181,8 +181,10 @@ async def test_copy_handles_missing_optional_fields_and_negative_amounts(migrate
     bare = TxnRow("acct-1", "refund-1", ms(T0), -123456, 4, "CLF")
     big = txn(1, amount_minor=-(2**63) + 1, minor_digits=0, source_offset=2**62)
     empty = snap(1, first_ms=None, last_ms=None, currencies={}, events=0)
-    assert await write_batch(migrated, [bare, big], [empty]) == 0
-    assert await rows(migrated, TXN_SELECT) == sorted([as_row(bare), as_row(big)])
+    last = txn(2, event_ms=253_402_300_799_999)  # the last millisecond of 9999, to the ms
+    assert await write_batch(migrated, [bare, big, last], [empty]) == 0
+    assert await rows(migrated, TXN_SELECT) == sorted([as_row(bare), as_row(big), as_row(last)])
+    assert as_row(last)[2] == datetime(9999, 12, 31, 23, 59, 59, 999_000, UTC)
     assert await rows(migrated, SNAP_SELECT) == [as_row(empty)]
     assert await rows(migrated, "SELECT count(*) FROM finflow.sink_dead_letters") == [(0,)]
 
