@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from typing import Any
 
@@ -128,11 +129,22 @@ async def ingest() -> None:
             if not messages:
                 continue
             batch = processor.process(messages)  # sees the values of batches still storing
+            mark_inbound(batch.result.positions)
             previous = storing[-1] if storing else None
             storing.append(asyncio.create_task(store(messages, batch, previous)))
     finally:
         for task in storing:
             task.cancel()
+
+
+def mark_inbound(positions: dict[tuple[str, int], int]) -> None:
+    """Tell Faust's monitor that these partitions' records are being processed, as its own
+    streams do per event: its consumer otherwise logs "Stream has not started processing"
+    for every partition with lag once the worker has run for ``stream_processing_timeout``."""
+    inbound = app.monitor.stream_inbound_time
+    now = time.monotonic()
+    for topic, partition in positions:
+        inbound[TP(topic, partition)] = now
 
 
 async def store(messages: list[Any], batch: Batch, previous: asyncio.Task[None] | None) -> None:

@@ -142,7 +142,9 @@ async def phase(
         start_ms=int(time.time() * 1000),
         rate=rate,
     )
-    label = f"{round(fraction * 100)}"
+    # Marker ids are the phase's own: the warm-up runs at a phase's rate, and markers it shared
+    # with that phase were repeats (de-duplicated, so never readable and counted unapplied).
+    label = f"{round(fraction * 100)}-{seed}"
     side = [
         asyncio.ensure_future(_sample(worker, http, samples, t0)),
         asyncio.ensure_future(_markers(worker, http, label, marker_interval, samples)),
