@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -50,6 +51,7 @@ class WriterThread:
         self.thread = threading.Thread(target=self.loop.run_forever, name="finflow-db-writer")
         self.thread.daemon = True
         self._pool: AsyncConnectionPool | None = None
+        self._running: set[concurrent.futures.Future[Any]] = set()
 
     def start(self) -> None:
         self.thread.start()
@@ -70,7 +72,10 @@ class WriterThread:
 
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the writer's loop; cancelling the caller cancels it there."""
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        self._running.add(future)
+        future.add_done_callback(self._running.discard)
+        return await asyncio.wrap_future(future)
 
     async def open(self) -> None:
         await self.run(self._open())
@@ -79,7 +84,11 @@ class WriterThread:
         await self.pool.open(wait=False)  # created here: a pool belongs to its loop
 
     async def stop(self) -> None:
+        """Cancel writes still running (their callers see the cancellation), close the pool
+        and end the thread."""
         if self.thread.is_alive():
+            for future in list(self._running):
+                future.cancel()
             if self._pool is not None:
                 await self.run(self._pool.close())
             self.loop.call_soon_threadsafe(self.loop.stop)

@@ -36,3 +36,18 @@ async def test_a_batch_is_written_while_the_worker_loop_is_busy(
         assert sink.rows_written == 300
     finally:
         await sink.stop()
+
+
+async def test_stopping_cancels_a_write_that_is_retrying(
+    fallback: psycopg.AsyncConnection[Any], conf: Settings
+) -> None:
+    unreachable = Settings(database_url="postgresql://127.0.0.1:1/none")
+    sink = DatabaseSink(unreachable)
+    await sink.start()
+    writing = asyncio.ensure_future(sink.write([txn(1)], []))
+    await asyncio.sleep(0.3)  # failing and backing off on the writer's loop
+    assert not writing.done()
+    await asyncio.wait_for(sink.stop(), timeout=10)
+    with pytest.raises(asyncio.CancelledError):
+        await writing
+    assert not sink.writer.thread.is_alive()
