@@ -35,6 +35,18 @@ HISTORY_LIMIT = 10_000
 T = TypeVar("T")
 
 
+def connection_pool(url: str, max_size: int) -> AsyncConnectionPool:
+    """A pool opened later (on the loop that will use it); connections checked when lent."""
+    return AsyncConnectionPool(
+        url,
+        min_size=1,
+        max_size=max_size,
+        open=False,
+        timeout=5.0,
+        check=AsyncConnectionPool.check_connection,
+    )
+
+
 class WriterThread:
     """An event loop on a thread of its own, with its own connection, for the batch writes.
 
@@ -60,14 +72,7 @@ class WriterThread:
     def pool(self) -> AsyncConnectionPool:
         """The writes' pool (one connection); only on the writer's loop."""
         if self._pool is None:
-            self._pool = AsyncConnectionPool(
-                self.url,
-                min_size=1,
-                max_size=1,
-                open=False,
-                timeout=5.0,
-                check=AsyncConnectionPool.check_connection,
-            )
+            self._pool = connection_pool(self.url, max_size=1)
         return self._pool
 
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -98,21 +103,15 @@ class WriterThread:
 class DatabaseSink(Service):
     """Writes each batch's rows before the batch is acknowledged; retries until it can.
 
-    While the database is unreachable ``write`` does not return, so the agent takes no new
-    batch and the consumer's bounded buffers stop fetching: back-pressure, not buffering.
+    While the database is unreachable ``write`` does not return, so the ingest loop processes
+    at most one more batch (whose values wait in memory) and the consumer's bounded buffers
+    stop fetching: back-pressure, not buffering.
     """
 
     def __init__(self, conf: Settings, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.conf = conf
-        self.pool = AsyncConnectionPool(
-            conf.database_url,
-            min_size=1,
-            max_size=4,
-            open=False,
-            timeout=5.0,
-            check=AsyncConnectionPool.check_connection,
-        )
+        self.pool = connection_pool(conf.database_url, max_size=4)
         self.healthy = True
         self.last_error = ""
         self.rows_written = 0
