@@ -17,6 +17,7 @@ from finflow.db.schema import (
     is_partitioned,
     migrate,
 )
+from finflow.db.writer import utc
 from finflow.settings import Settings
 
 #: Session-level advisory lock: one partition maintainer at a time ("FinFlow" + 2).
@@ -76,7 +77,7 @@ def partition_ranges(conf: Settings, now: datetime) -> list[Range]:
     last = (now_ms + conf.db_partitions_ahead * step) // step * step
     if (last - first) // step >= MAX_PARTITIONS:
         raise ValueError(f"retention / chunk interval gives over {MAX_PARTITIONS} partitions")
-    return [(_at(ms), _at(ms + step)) for ms in range(first, last + step, step)]
+    return [(utc(ms), utc(ms + step)) for ms in range(first, last + step, step)]
 
 
 def partition_name(table: str, lo: datetime, step_ms: int) -> str:
@@ -87,10 +88,6 @@ def partition_name(table: str, lo: datetime, step_ms: int) -> str:
     if step_ms % 1000:
         name += f"{lo.microsecond // 1000:03d}"
     return name
-
-
-def _at(ms: int) -> datetime:
-    return _EPOCH + timedelta(milliseconds=ms)
 
 
 def _require_idle(conn: psycopg.AsyncConnection) -> None:
