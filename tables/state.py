@@ -13,7 +13,10 @@ is what decoding and freeing cost):
   parsed only when an event lands in it or a reader asks for it, and sealed again on encode;
 - the transaction ids of the de-duplication span are one string of fixed-width records (a
   128-bit BLAKE2b digest of the id, its event time and the time it was first seen), searched
-  in place.
+  in place;
+- the start of each window size's oldest bucket is kept beside the buckets, so pruning looks
+  at a size's buckets only when its oldest one can have expired (once a minute at most, not
+  on every change).
 """
 
 from __future__ import annotations
@@ -88,6 +91,11 @@ def _upgrade(data: dict[str, Any]) -> None:
             bucket[windows.MERCHANTS].sort()
 
 
+def _oldest(buckets: dict[str, Any]) -> int | None:
+    """Start of the oldest of ``buckets``, None when there are none."""
+    return min(map(int, buckets), default=None)
+
+
 #: Marks a value or sealed bucket written by the standard library's JSON encoder: one holding
 #: an integer beyond 64 bits (a window's sum of minor units passes 2^63 after ~900 maximal
 #: amounts in a 4-digit currency), which orjson cannot write and would read back as a float.
@@ -123,11 +131,21 @@ class AccountState:
         self._added: dict[str, int] = {}
         if isinstance(data["s"], dict):
             _upgrade(data)
+        if "m" not in data:  # written before the oldest starts were kept
+            data["m"] = [_oldest(buckets) for buckets in data["w"]]
 
     @classmethod
     def new(cls) -> AccountState:
         return cls(
-            {"o": [-1] * SOURCES, "v": 0, "w": [{}, {}, {}], "s": "", "p": profile.new(), "u": 0}
+            {
+                "o": [-1] * SOURCES,
+                "v": 0,
+                "w": [{}, {}, {}],
+                "m": [None, None, None],  # start of each size's oldest bucket
+                "s": "",
+                "p": profile.new(),
+                "u": 0,
+            }
         )
 
     @classmethod
@@ -185,12 +203,16 @@ class AccountState:
 
     def add(self, txn: Transaction) -> None:
         """Count an accepted transaction in its windows and the profile."""
+        oldest = self.data["m"]
         for index, buckets in enumerate(self.data["w"]):
-            key = str(windows.window_start(txn.event_ms, _SIZES[index]))
+            start = windows.window_start(txn.event_ms, _SIZES[index])
+            key = str(start)
             bucket = buckets.get(key)
             if bucket is None:
                 bucket = buckets[key] = windows.new_bucket()
                 self._opened.append((index, key))
+                if oldest[index] is None or start < oldest[index]:
+                    oldest[index] = start
             elif isinstance(bucket, str):
                 bucket = buckets[key] = _unseal(bucket)
                 self._opened.append((index, key))
@@ -201,10 +223,14 @@ class AccountState:
     def prune(self, now_ms: int, updated_ms: int, retention: Retention) -> None:
         """Drop windows past their retention and ids past the de-duplication span."""
         self.data["u"] = updated_ms
-        for size, keep_ms, buckets in zip(_SIZES, retention.window_ms, self.data["w"], strict=True):
-            cutoff = now_ms - keep_ms - size
+        oldest = self.data["m"]
+        for index, buckets in enumerate(self.data["w"]):
+            cutoff = now_ms - retention.window_ms[index] - _SIZES[index]
+            if oldest[index] is None or oldest[index] > cutoff:
+                continue  # nothing of this size has expired
             for key in [k for k in buckets if int(k) <= cutoff]:
                 del buckets[key]
+            oldest[index] = _oldest(buckets)
         self._prune_ids(updated_ms, retention.dedup_ms)
 
     def _prune_ids(self, wall_ms: int, span_ms: int) -> None:

@@ -149,3 +149,37 @@ def test_rolling_day_ending_an_hour_ago_is_whole() -> None:
     copy = AccountState.decode(state.encode())
     rolling = copy.rolling(DAY, now - 60 * MIN)
     assert (rolling.count, rolling.currencies["USD"].total) == (2, 3_000)
+
+
+def test_prune_finds_expired_buckets_through_the_oldest_starts() -> None:
+    """Pruning skips a size whose oldest bucket is recent; a late event that opens an older
+    bucket becomes that size's oldest, and is dropped when it expires."""
+    state = AccountState.new()
+    state.apply(txn("a", NOW), 0, 1, RETENTION)
+    state.apply(txn("b", NOW + 10 * MIN), 0, 2, RETENTION)
+    keep = RETENTION.window_ms[0]
+    state.prune(NOW + keep, NOW, RETENTION)
+    assert state.bucket("1m", NOW) is not None
+    copy = AccountState.decode(state.encode())
+    copy.apply(txn("late", NOW - 5 * MIN), 0, 3, RETENTION)
+    copy.prune(NOW + keep - 4 * MIN, NOW, RETENTION)  # the late bucket's end: expired
+    assert copy.bucket("1m", NOW - 5 * MIN) is None
+    assert copy.bucket("1m", NOW) is not None
+    copy.prune(NOW + keep + MIN, NOW, RETENTION)
+    assert copy.bucket("1m", NOW) is None
+    assert copy.bucket("1m", NOW + 10 * MIN) is not None
+    copy.prune(NOW + keep + 11 * MIN, NOW, RETENTION)
+    assert copy.bucket("1m", NOW + 10 * MIN) is None
+    # hours are kept longer (the late event is in the hour before NOW)
+    assert (copy.window("1h", NOW - 5 * MIN).count, copy.window("1h", NOW).count) == (1, 2)
+
+
+def test_value_without_oldest_starts_is_still_pruned() -> None:
+    state = AccountState.new()
+    state.apply(txn("a", NOW), 0, 1, RETENTION)
+    data = orjson.loads(state.encode())
+    del data["m"]  # written by an earlier release
+    copy = AccountState.decode(orjson.dumps(data))
+    copy.prune(NOW + RETENTION.window_ms[0] + MIN, NOW, RETENTION)
+    assert copy.bucket("1m", NOW) is None
+    assert copy.bucket("1h", NOW) is not None
