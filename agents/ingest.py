@@ -9,7 +9,7 @@ from typing import Any
 
 from faust.types import TP
 
-from agents.batching import eager_delivery
+from agents.batching import batch_drain, eager_delivery
 from agents.processor import Batch, IngestProcessor, MessageLike, Outputs, key_partition
 from agents.resume import seek_before_resume
 from agents.topology import (
@@ -95,6 +95,8 @@ sink = DatabaseSink(settings)
 if settings.sink_enabled:
     app.add_dependency(sink)
 seek_before_resume(app)  # before the first rebalance: records are never cleared behind a seek
+batch_drain(app.consumer, ingest_topic)  # before the fetcher starts
+eager_delivery(app.consumer)  # the changelogs' records, read one by one in table recovery
 
 
 EXACTLY_ONCE = settings.processing_guarantee == "exactly_once"
@@ -116,7 +118,6 @@ async def ingest() -> None:
     reflects are recognised by their offsets.
     """
     within = min(settings.batch_within_ms, settings.sink_max_delay_ms) / 1000
-    eager_delivery(app.consumer)
     storing: deque[asyncio.Task[None]] = deque()
     try:
         while not app.should_stop:

@@ -1,15 +1,19 @@
-"""The batch buffer behind the ingest topic: batching, back-pressure, clearing."""
+"""The batch buffer behind the ingest topic (batching, back-pressure, clearing) and the drain
+loop that fills it."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict
 from collections.abc import Callable, Coroutine
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from faust.types import TP
 from mode import Service
 
-from agents.batching import BatchBuffer, eager_delivery
+from agents.batching import BatchBuffer, batch_drain, eager_delivery
 
 pytestmark = pytest.mark.asyncio
 
@@ -136,3 +140,166 @@ async def test_eager_delivery_propagates_errors() -> None:
         await consumer.wait_first(fails_at_once(), asyncio.Event().wait())
     with pytest.raises(KeyError):
         await consumer.wait_first(fails_later(), asyncio.Event().wait())
+
+
+# -- batch_drain: Faust's drain loop with batch delivery ------------------------------------
+
+CHANGELOG = "app-accounts-changelog"
+
+
+class _Record:
+    def __init__(self, topic: str, partition: int, offset: int) -> None:
+        self.topic, self.partition, self.offset = topic, partition, offset
+
+
+class _Stopped:
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def is_set(self) -> bool:
+        return self.stopped
+
+
+class _Fetcher:
+    def __init__(self) -> None:
+        self._stopped = _Stopped()
+
+
+class _App:
+    def __init__(self) -> None:
+        self.consumer_generation_id = 1
+        self.should_stop = False
+        self.topics = SimpleNamespace(acks_enabled_for=lambda topic: topic != CHANGELOG)
+        self.monitor = SimpleNamespace(track_tp_end_offset=lambda tp, offset: None)
+        self.flow = asyncio.Event()
+        self.flow.set()
+        self.flow_control = SimpleNamespace(acquire=self._acquire)
+        self.producer = SimpleNamespace(buffer=SimpleNamespace(wait_until_ebb=_nothing))
+
+    async def _acquire(self) -> None:
+        await self.flow.wait()
+
+
+async def _nothing() -> None:
+    return None
+
+
+class _DrainConsumer(_Consumer):
+    """What Faust's drain loop uses of its consumer, fetching from a list of fetches."""
+
+    consumer_stopped_errors: tuple[type[BaseException], ...] = ()
+
+    def __init__(self, fetches: list[dict[TP, list[_Record]]], fetcher: _Fetcher) -> None:
+        super().__init__()
+        self.app = _App()
+        self.transport = SimpleNamespace(app=self.app)
+        self.fetches, self.fetcher = fetches, fetcher
+        self._stopped = _Stopped()
+        self.diag = SimpleNamespace(set_flag=lambda f: None, unset_flag=lambda f: None)
+        self.should_stop = False
+        self.flow_active = True
+        self._commit_every = None
+        self._n_acked = 0
+        self._read_offset: dict[TP, int | None] = defaultdict(lambda: None)
+        self._buffered_partitions: set[TP] = set()
+        self.active: set[TP] | None = None
+        self.gaps: list[tuple[TP, int, int]] = []
+        self.one_by_one: list[int] = []
+        self.suspend_flow = asyncio.Event()
+
+    async def _drain_messages(self, fetcher: _Fetcher) -> None:
+        raise AssertionError("Faust's own drain loop ran")
+
+    async def _wait_next_records(self, timeout: float) -> tuple[Any, Any]:
+        if not self.fetches:
+            self.fetcher._stopped.stopped = True
+            return {}, self.active
+        return self.fetches.pop(0), self.active
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def highwater(self, tp: TP) -> int:
+        return 0
+
+    def _to_message(self, tp: TP, record: _Record) -> Any:
+        return SimpleNamespace(tp=tp, topic=tp.topic, offset=record.offset)
+
+    async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
+        self.gaps.append((tp, offset_from, offset_to))
+
+    async def callback(self, message: Any) -> None:
+        self.one_by_one.append(message.offset)
+
+
+def _drained(
+    fetches: list[dict[TP, list[_Record]]], maxsize: int = 100
+) -> tuple[_DrainConsumer, BatchBuffer, Any]:
+    fetcher = _Fetcher()
+    consumer = _DrainConsumer(fetches, fetcher)
+    buf = BatchBuffer(maxsize)
+    topic = SimpleNamespace(topics=["transactions", "by-account"], queue=buf)
+    batch_drain(consumer, topic)  # type: ignore[arg-type]
+    batch_drain(consumer, topic)  # type: ignore[arg-type]  # idempotent
+    return consumer, buf, consumer._drain_messages(fetcher)
+
+
+def _records(tp: TP, *offsets: int) -> list[_Record]:
+    return [_Record(tp.topic, tp.partition, o) for o in offsets]
+
+
+async def test_batch_drain_puts_each_partitions_records_in_the_buffer_at_once() -> None:
+    t0, t1, log = TP("transactions", 0), TP("by-account", 1), TP(CHANGELOG, 0)
+    fetch = {t0: _records(t0, 5, 6, 7), t1: _records(t1, 0, 1), log: _records(log, 3, 4)}
+    consumer, buf, drain = _drained([fetch, {t0: _records(t0, 8, 12)}])
+    consumer._read_offset[t0] = 6  # 5 was delivered already; 6 is delivered again (as Faust)
+    await asyncio.wait_for(drain, 5)
+    assert [(m.topic, m.offset) for m in buf.items] == [
+        ("transactions", 6),
+        ("transactions", 7),
+        ("by-account", 0),
+        ("by-account", 1),
+        ("transactions", 8),
+        ("transactions", 12),
+    ]
+    assert consumer.one_by_one == [3, 4]  # the changelog's records: Faust's conductor
+    assert (consumer._read_offset[t0], consumer._read_offset[t1]) == (12, 1)
+    assert consumer._read_offset[log] == 4
+    assert consumer.gaps == [(t0, 9, 12)]  # the commit may pass offsets 9-11
+
+
+async def test_batch_drain_skips_partitions_that_are_not_active() -> None:
+    t0, t1 = TP("transactions", 0), TP("transactions", 1)
+    consumer, buf, drain = _drained([{t0: _records(t0, 0), t1: _records(t1, 0)}])
+    consumer.active = {t1}
+    await asyncio.wait_for(drain, 5)
+    assert [m.tp for m in buf.items] == [t1]
+    assert consumer._read_offset[t0] is None
+
+
+async def test_batch_drain_drops_a_fetch_overtaken_by_a_rebalance() -> None:
+    """Flow control holds the delivery; a rebalance happens meanwhile: nothing of the old
+    generation reaches the buffer and the read offset stays (the records are fetched again)."""
+    t0 = TP("transactions", 0)
+    consumer, buf, drain = _drained([{t0: _records(t0, 0, 1)}])
+    consumer.app.flow.clear()
+    task = asyncio.ensure_future(drain)
+    await asyncio.sleep(0.01)
+    assert not task.done()
+    consumer.app.consumer_generation_id += 1
+    consumer.app.flow.set()
+    await asyncio.wait_for(task, 5)
+    assert buf.items == []
+    assert consumer._read_offset[t0] is None
+
+
+async def test_batch_drain_waits_for_room_in_the_buffer() -> None:
+    t0 = TP("transactions", 0)
+    _, buf, drain = _drained([{t0: _records(t0, 0, 1)}, {t0: _records(t0, 2)}], maxsize=2)
+    task = asyncio.ensure_future(drain)
+    await asyncio.sleep(0.01)
+    assert [m.offset for m in buf.items] == [0, 1]
+    assert not task.done()  # back-pressure: the second fetch waits
+    assert [m.offset for m in await buf.take(2, 0)] == [0, 1]
+    await asyncio.wait_for(task, 5)
+    assert [m.offset for m in buf.items] == [2]
