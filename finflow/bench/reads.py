@@ -362,6 +362,10 @@ class Phase:
                 out["accepted"] = scrape.total(ACCEPTED)
         return out
 
+    async def applied(self) -> float:
+        """Transactions the worker has accepted so far."""
+        return (await self.worker.scrape(self.http)).total(ACCEPTED)
+
     async def measure(self, name: str, call: Call, seed: int) -> dict[str, Any]:
         load = await closed_loop(
             call,
@@ -435,23 +439,32 @@ class Phase:
         argv = [FINFLOW, "loadgen", "--rate", f"{rate:.0f}", "--duration", f"{duration:.0f}"]
         argv += ["--accounts", str(self.sub.load_accounts), "--seed", str(seed)]
         log = self.work / "reads-loadgen.log"
-        before = (await self.worker.scrape(self.http)).total(ACCEPTED)
+        before = await self.applied()
         self.load_proc = spawn(argv, env, log)
         try:
             deadline = time.monotonic() + LOAD_START_TIMEOUT_S
-            while (await self.worker.scrape(self.http)).total(ACCEPTED) < before + rate * 0.5:
+            while await self.applied() < before + rate * 0.5:
                 if self.load_proc.poll() is not None or time.monotonic() > deadline:
                     raise BenchError(f"reads: the write load did not start: {tail(log)}")
                 await asyncio.sleep(0.1)
+            started, applied_before = time.monotonic(), await self.applied()
+            loads = []
             for name, base in targets:
                 async with self.session() as session:
                     call = self.http_call(session, self.account_urls(base))
                     result = await self.measure(f"{name}_under_load", call, seed)
                 result["load"] = {
                     "target_msg_per_s": rate,
+                    # during this measurement alone: the worker applies whole batches, so a
+                    # short measurement can see none of them, or two
                     "applied_msg_per_s": result["applied_msg_per_s"],
                     "covered": self.load_proc.poll() is None,  # still writing at the end
                 }
+                loads.append(result["load"])
+            # during all of them: the write load the lookups ran under
+            phase = (await self.applied() - applied_before) / (time.monotonic() - started)
+            for load in loads:
+                load["phase_applied_msg_per_s"] = phase
         finally:
             kill9(self.load_proc)
             self.load_proc = None

@@ -176,6 +176,7 @@ def reads_table(results: Mapping[str, Any]) -> str:
         lines.append(
             "under load the worker applied "
             + ", ".join(f"{v['applied_msg_per_s']:,.0f}/s during {n}" for n, v in under.items())
+            + f"; {next(iter(under.values()))['phase_applied_msg_per_s']:,.0f}/s during both"
             + f" (loadgen target {next(iter(under.values()))['target_msg_per_s']:,.0f}/s)"
         )
     target = reads["target"]

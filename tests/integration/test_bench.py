@@ -173,7 +173,8 @@ def test_read_path(smoke: tuple[subprocess.CompletedProcess[str], Any]) -> None:
     for name in ("cached_under_load", "uncached_owner_under_load"):
         load = measured[name]["load"]
         assert load["covered"]
-        assert positive(load["applied_msg_per_s"])
+        assert non_negative(load["applied_msg_per_s"])  # a 1 s measurement can see no batch
+        assert positive(load["phase_applied_msg_per_s"])
         assert load["target_msg_per_s"] == pytest.approx(
             results["capacity_msg_per_s"] * reads["config"]["load_fraction"]
         )
