@@ -32,7 +32,7 @@ class BenchConfig:
     warmup_s: float = WARMUP_S
     #: Each throughput contender is timed until it has applied the whole stream or for this
     #: long after its first record, whichever comes first (keeps a full run under 15 min).
-    measure_s: float = 60.0
+    measure_s: float = 50.0
     smoke: bool = False
     quix: bool = True
     out: Path = Path("bench-results/bench.json")
@@ -107,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="time each throughput contender until the stream is applied or this long "
-        "(60; --smoke: 5)",
+        "(50; --smoke: 5)",
     )
     parser.add_argument(
         "--smoke",
@@ -143,7 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def from_args(args: argparse.Namespace, project_root: Path) -> BenchConfig:
     """Explicit options win; ``--smoke`` only changes the defaults."""
     smoke = bool(args.smoke)
-    defaults = (20_000, 2_000, 5.0, 5.0) if smoke else (500_000, 100_000, 100.0, 60.0)
+    defaults = (20_000, 2_000, 5.0, 5.0) if smoke else (500_000, 100_000, 100.0, 50.0)
     reads = (5_000, 500, 1.0) if smoke else (40_000, 2_000, 8.0)
     warmup = 1.0 if smoke else WARMUP_S
     return BenchConfig(
