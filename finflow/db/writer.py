@@ -198,38 +198,49 @@ async def write_batch(
     conn: psycopg.AsyncConnection[Any],
     txns: Sequence[TxnRow],
     snapshots: Sequence[SnapshotRow],
+    alerts: Sequence[Alert] = (),
+    audit: Sequence[AuditRow] = (),
 ) -> int:
     """Store a batch in one transaction; the number of rows sent to ``sink_dead_letters``.
 
-    ``conn`` must be idle: the batch is committed when this returns. Bad rows (data or
-    constraint errors) are dead-lettered and the rest stored; connection and other errors
+    Rows, alerts and audit rows are committed together (one commit and no round trip of its
+    own for the alerts and the audit). ``conn`` must be idle: the batch is committed when
+    this returns. Bad rows (data or constraint errors) are dead-lettered and the rest stored,
+    then the alerts and audit rows in transactions of their own; connection and other errors
     propagate with nothing committed, so the caller retries the same batch (idempotent).
     """
     if conn.info.transaction_status != TransactionStatus.IDLE:
         raise psycopg.ProgrammingError("write_batch needs an idle connection: it commits")
-    if not txns and not snapshots:
+    if not txns and not snapshots and not alerts and not audit:
         return 0
     try:
-        await _write_staged(conn, txns, snapshots)
+        await _write_staged(conn, txns, snapshots, alerts, audit)
     except BAD_DATA as exc:
         log.warning(
             "batch rejected (%s); retrying %d rows one by one", exc, len(txns) + len(snapshots)
         )
-        return await _write_rows(conn, txns, snapshots)
+        dead = await _write_rows(conn, txns, snapshots)
+        await write_alerts(conn, alerts)
+        await write_audit(conn, audit)
+        return dead
     return 0
 
 
 async def _write_staged(
-    conn: psycopg.AsyncConnection[Any], txns: Sequence[TxnRow], snaps: Sequence[SnapshotRow]
+    conn: psycopg.AsyncConnection[Any],
+    txns: Sequence[TxnRow],
+    snaps: Sequence[SnapshotRow],
+    alerts: Sequence[Alert],
+    audit: Sequence[AuditRow],
 ) -> None:
     await _ensure_staging(conn)
     try:
-        await _write_bulk(conn, txns, snaps)
+        await _write_bulk(conn, txns, snaps, alerts, audit)
     except psycopg.errors.UndefinedTable:
         if conn not in _staged:
             raise
         _staged.discard(conn)  # temporary tables gone (DISCARD ALL by a pool reset): recreate
-        await _write_staged(conn, txns, snaps)
+        await _write_staged(conn, txns, snaps, alerts, audit)
 
 
 async def _ensure_staging(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -240,7 +251,11 @@ async def _ensure_staging(conn: psycopg.AsyncConnection[Any]) -> None:
 
 
 async def _write_bulk(
-    conn: psycopg.AsyncConnection[Any], txns: Sequence[TxnRow], snaps: Sequence[SnapshotRow]
+    conn: psycopg.AsyncConnection[Any],
+    txns: Sequence[TxnRow],
+    snaps: Sequence[SnapshotRow],
+    alerts: Sequence[Alert],
+    audit: Sequence[AuditRow],
 ) -> None:
     async with conn.transaction(), conn.cursor() as cur:
         if txns:
@@ -256,6 +271,10 @@ async def _write_bulk(
                 for snap in snaps:
                     await copy.write_row(snap)
             await cur.execute(_INSERT_SNAP)
+        if alerts:
+            await cur.executemany(_INSERT_ALERT, _alert_params(alerts))
+        if audit:
+            await cur.executemany(_INSERT_AUDIT, _audit_params(audit))
 
 
 async def _write_rows(
@@ -340,7 +359,12 @@ async def write_alerts(conn: psycopg.AsyncConnection[Any], alerts: Sequence[Aler
     """
     if not alerts:
         return
-    rows = [
+    async with conn.transaction(), conn.cursor() as cur:
+        await cur.executemany(_INSERT_ALERT, _alert_params(alerts))
+
+
+def _alert_params(alerts: Sequence[Alert]) -> list[tuple[Any, ...]]:
+    return [
         (
             a.alert_id,
             _plain(a.account_id),
@@ -353,8 +377,6 @@ async def write_alerts(conn: psycopg.AsyncConnection[Any], alerts: Sequence[Aler
         )
         for a in alerts
     ]
-    async with conn.transaction(), conn.cursor() as cur:
-        await cur.executemany(_INSERT_ALERT, rows)
 
 
 _INSERT_AUDIT = """
@@ -372,7 +394,12 @@ async def write_audit(conn: psycopg.AsyncConnection[Any], rows: Sequence[AuditRo
     """
     if not rows:
         return
-    params = [
+    async with conn.transaction(), conn.cursor() as cur:
+        await cur.executemany(_INSERT_AUDIT, _audit_params(rows))
+
+
+def _audit_params(rows: Sequence[AuditRow]) -> list[tuple[Any, ...]]:
+    return [
         (
             _plain(r.actor),
             _plain(r.action),
@@ -382,5 +409,3 @@ async def write_audit(conn: psycopg.AsyncConnection[Any], rows: Sequence[AuditRo
         )
         for r in rows
     ]
-    async with conn.transaction(), conn.cursor() as cur:
-        await cur.executemany(_INSERT_AUDIT, params)

@@ -11,7 +11,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from finflow.db.writer import SnapshotRow, TxnRow, write_batch
+from finflow.db.writer import AuditRow, SnapshotRow, TxnRow, write_batch
+from models.alerts import Alert
 
 Conn = psycopg.AsyncConnection[Any]
 Connect = Callable[[], Awaitable[Conn]]
@@ -198,6 +199,36 @@ async def test_connection_errors_propagate_and_nothing_is_dead_lettered(
         await write_batch(migrated, [txn(1)], [snap(1)])
     assert await rows(other, "SELECT count(*) FROM finflow.sink_dead_letters") == [(0,)]
     assert await rows(other, "SELECT count(*) FROM finflow.transactions") == [(0,)]
+
+
+BUSY_TRIGGER = """
+CREATE FUNCTION public.test_busy() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION 'busy' USING ERRCODE = 'lock_not_available'; END $$;
+CREATE TRIGGER test_busy BEFORE INSERT ON finflow.alerts
+FOR EACH ROW EXECUTE FUNCTION public.test_busy()
+"""
+BATCH_COUNTS = """
+SELECT (SELECT count(*) FROM finflow.transactions), (SELECT count(*) FROM finflow.window_snapshots),
+       (SELECT count(*) FROM finflow.alerts), (SELECT count(*) FROM finflow.audit_log
+                                               WHERE actor = 'test')
+"""
+
+
+async def test_rows_alerts_and_audit_are_committed_together(migrated: Conn) -> None:
+    """A batch is stored whole or not at all: when its alerts cannot be stored (a transient
+    error: the sink retries the whole batch), none of its rows or audit rows are left behind."""
+    alert = Alert("high_value", "high", "acct-1", "tx-00001", ms(T0), ms(T0), {"amount": "1.01"})
+    audit = [AuditRow("test", "dead_letter", "acct-1", {"reason": "invalid_json"}, "test-1")]
+    batch = ([txn(1), txn(2)], [snap(1)], [alert], audit)
+    await migrated.execute(BUSY_TRIGGER)
+    await migrated.commit()
+    with pytest.raises(psycopg.errors.LockNotAvailable):
+        await write_batch(migrated, *batch)
+    assert await rows(migrated, BATCH_COUNTS) == [(0, 0, 0, 0)]
+    await migrated.execute("DROP TRIGGER test_busy ON finflow.alerts")
+    await migrated.commit()
+    assert await write_batch(migrated, *batch) == 0
+    assert await rows(migrated, BATCH_COUNTS) == [(2, 1, 1, 1)]
 
 
 async def test_write_batch_owns_its_transaction(migrated: Conn) -> None:
