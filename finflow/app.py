@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import faust
 
@@ -22,7 +23,9 @@ def create_app(conf: settings_module.Settings) -> faust.App:
         broker=list(conf.broker_urls),
         broker_credentials=kafka_security.faust_credentials(conf.broker_security),
         store="rocksdb://",
-        datadir=conf.data_dir,
+        # One directory per app id, as Faust's own default: apps sharing FINFLOW_DATA_DIR
+        # would otherwise open each other's table files (same table names).
+        datadir=str(Path(conf.data_dir) / conf.app_id),
         web_port=conf.web_port,
         web_bind=conf.web_host,
         canonical_url=conf.web_url,

@@ -9,8 +9,12 @@ import shutil
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finflow.errors import ConfigError
+
+if TYPE_CHECKING:
+    from finflow.settings import Settings
 
 log = logging.getLogger("finflow")
 
@@ -259,6 +263,22 @@ async def broker_is_tansu(bootstrap: str, wait_s: float = BROKER_WAIT_S) -> bool
             await asyncio.sleep(min(2.0, wait_s))
 
 
+def _unbacked_tables(tabledir: Path, settings: Settings) -> dict[int, tuple[int, int]]:
+    """Local partitions of the accounts table that its changelog no longer backs."""
+    from agents.topology import accounts  # outside the check's loop: it binds Faust services
+    from finflow import local_state
+
+    return asyncio.run(
+        local_state.find_unbacked(
+            Path(tabledir),
+            accounts.name,
+            accounts.changelog_topic.get_topic_name(),
+            _bootstrap(),
+            settings.broker_security,
+        )
+    )
+
+
 def run_worker(args: argparse.Namespace) -> int:
     """Run the Faust worker; wipe local table state left by an unclean stop first."""
     from finflow import gcpolicy, preflight, tansu
@@ -274,6 +294,14 @@ def run_worker(args: argparse.Namespace) -> int:
     marker = Path(settings.data_dir) / f"{settings.app_id}.running"
     if marker.exists():
         log.warning("previous worker stopped uncleanly: rebuilding tables from changelogs")
+        shutil.rmtree(app.conf.tabledir, ignore_errors=True)
+    elif unbacked := _unbacked_tables(app.conf.tabledir, settings):
+        log.warning(
+            "local tables hold changelog offsets the broker does not have (partition:"
+            " (local offset, changelog end) %s): the topics were recreated; rebuilding"
+            " tables from changelogs",
+            unbacked,
+        )
         shutil.rmtree(app.conf.tabledir, ignore_errors=True)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()

@@ -13,7 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from finflow import devbroker
 from finflow.cli import broker_is_tansu
 from finflow.errors import ConfigError
-from finflow.loadgen import Spec, generate
+from finflow.loadgen import Record, Spec, generate
 from tests.integration.checks import wait_counted
 from tests.integration.harness import (
     FINFLOW,
@@ -118,3 +118,34 @@ async def test_first_deployment_of_an_app_with_records_waiting(tmp_path: Path) -
             started = time.monotonic()
             fresh.stop()
             assert time.monotonic() - started < 15, "the worker did not stop on SIGTERM"
+
+
+async def test_a_clean_restart_on_a_new_broker_rebuilds_the_local_tables(tmp_path: Path) -> None:
+    """The broker's topics are recreated empty (a new cluster, a development broker started
+    afresh) while the worker's data directory is kept. Faust refused to start such a worker,
+    on every restart (its local stores hold changelog offsets the new changelog does not
+    have); it now rebuilds its tables from the changelogs, as Kafka Streams does, and counts
+    the new stream exactly, with nothing of the old one left in its tables."""
+    app_id = new_app_id()
+
+    def stream(seed: int) -> list[Record]:
+        start = int(time.time() * 1000) - 120_000
+        return list(generate(Spec(count=600, accounts=20, seed=seed, start_ms=start, rate=50.0)))
+
+    old, new = stream(5), stream(6)
+    assert set(Reference.of(old).events) == set(Reference.of(new).events)  # the same accounts
+    for name, records in (("first", old), ("second", new)):
+        (tmp_path / name).mkdir()
+        with own_broker(tmp_path / name) as bootstrap:
+            worker = Worker(bootstrap, tmp_path, "w", app_id).start()  # the same data directory
+            try:
+                await worker.wait_ready(timeout=120)
+                await produce(bootstrap, records)
+                await wait_counted([worker.url], Reference.of(records), timeout=90)
+            finally:
+                worker.stop()
+            assert worker.proc is not None
+            assert worker.proc.returncode == 0, "not a clean stop"
+    log = worker.log.read_text()
+    assert "ConsistencyError" not in log
+    assert log.count("the topics were recreated; rebuilding tables from changelogs") == 1

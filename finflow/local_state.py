@@ -1,0 +1,83 @@
+"""Local table state the changelogs no longer back, found before a worker opens its tables.
+
+Each partition's RocksDB store remembers the offset of the last changelog record it holds.
+When that offset is at or past the changelog's end, the topic was deleted or recreated while
+the local files were kept (a new or reset cluster, a development broker started afresh):
+Faust then refuses to start (``ConsistencyError``: persisted offset higher than the
+highwater), on every restart. Kafka Streams, in the same case, wipes the store and restores
+it from the changelog; so does the worker (``finflow.cli``), before Faust opens the stores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from faust.stores.rocksdb import Store
+from rocksdict import AccessType, Options, Rdict
+
+from finflow import kafka_security
+from finflow.settings import BrokerSecurity
+
+
+def persisted_offsets(tabledir: Path, table: str) -> dict[int, int]:
+    """Changelog offset held by each local partition store of ``table`` (Faust's layout:
+    ``<tabledir>/<table>-<partition>.db``); stores holding none are left out."""
+    found: dict[int, int] = {}
+    for path in sorted(tabledir.glob(f"{table}-*.db")):
+        partition = path.name[len(table) + 1 : -len(".db")]
+        if not partition.isdigit():
+            continue
+        db = Rdict(str(path), Options(raw_mode=True), access_type=AccessType.read_only())
+        try:
+            raw = db.get(Store.offset_key)
+        finally:
+            db.close()
+        if raw is not None:
+            found[int(partition)] = int(raw)
+    return found
+
+
+async def changelog_ends(
+    bootstrap: str, topic: str, partitions: list[int], security: BrokerSecurity
+) -> dict[int, int]:
+    """End offset (the next offset to be written) of each of ``partitions`` of ``topic``;
+    0 for a partition or topic that does not exist (listing topics never creates one)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        **kafka_security.client_kwargs(security),
+    )
+    await consumer.start()
+    try:
+        existing = (
+            consumer.partitions_for_topic(topic) or set()
+            if topic in await consumer.topics()
+            else set()
+        )
+        wanted = [TopicPartition(topic, p) for p in partitions if p in existing]
+        ends = await consumer.end_offsets(wanted) if wanted else {}
+    finally:
+        await consumer.stop()
+    return {p: ends.get(TopicPartition(topic, p), 0) for p in partitions}
+
+
+def unbacked(persisted: dict[int, int], ends: dict[int, int]) -> dict[int, tuple[int, int]]:
+    """Partitions whose store holds an offset the changelog does not have:
+    ``{partition: (persisted offset, changelog end)}``."""
+    return {
+        partition: (offset, ends.get(partition, 0))
+        for partition, offset in persisted.items()
+        if offset >= ends.get(partition, 0)
+    }
+
+
+async def find_unbacked(
+    tabledir: Path, table: str, changelog: str, bootstrap: str, security: BrokerSecurity
+) -> dict[int, tuple[int, int]]:
+    """:func:`unbacked` for the local stores of ``table`` against its ``changelog`` topic."""
+    persisted = persisted_offsets(tabledir, table)
+    if not persisted:
+        return {}
+    ends = await changelog_ends(bootstrap, changelog, sorted(persisted), security)
+    return unbacked(persisted, ends)
