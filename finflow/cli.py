@@ -280,7 +280,8 @@ def _unbacked_tables(tabledir: Path, settings: Settings) -> dict[int, tuple[int,
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    """Run the Faust worker; wipe local table state left by an unclean stop first."""
+    """Run the Faust worker; first wipe local table state left by an unclean stop or no
+    longer backed by the changelogs (both rebuilt from the changelogs)."""
     from finflow import gcpolicy, preflight, tansu
 
     gcpolicy.limit_malloc_arenas()  # before any thread (DNS executor, consumer, RocksDB) starts
