@@ -25,6 +25,7 @@ from agents.processor import key_partition
 from finflow import metrics, params
 from finflow.cache import HotCache
 from finflow.errors import ApiError
+from finflow.http_errors import json_errors
 from finflow.settings import Settings
 from models.aggregates import format_ms
 from tables.state import AccountState
@@ -113,7 +114,7 @@ class ReadApi:
         self.turn = itertools.count()
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._measured])
+        app = web.Application(middlewares=[json_errors, self._measured])
         get = app.router.add_get
         get("/accounts/{account_id}/aggregates", self._account(aggregates_render))
         get("/accounts/{account_id}/rolling", self._account(rolling_render))

@@ -9,6 +9,7 @@ import faust
 
 from finflow import kafka_security, producer_topics
 from finflow import settings as settings_module
+from finflow.http_errors import json_errors
 
 settings = settings_module.from_env()
 producer_topics.apply()  # before Faust creates its producer
@@ -43,6 +44,7 @@ def create_app(conf: settings_module.Settings) -> faust.App:
         producer_linger=0.005,
         producer_max_batch_size=512 * 1024,
         web_enabled=True,
+        web_application_options={"middlewares": [json_errors]},
     )
 
 

@@ -172,3 +172,19 @@ async def assert_history(urls: Sequence[str], ref: Reference, accounts: int = 20
             assert [observed(item) for item in body["items"]] == [
                 ref.expect(account, s, s + 60_000) for s in starts
             ]
+
+
+async def assert_routing_errors_are_json(url: str) -> None:
+    """A path no route matches and a method a route does not take answer the contract's
+    JSON error body (aiohttp's router answered plain text)."""
+    async with aiohttp.ClientSession() as http:
+        for path in ("/accounts//aggregates?window=1m", "/accounts/a/b/aggregates", "/nope"):
+            async with http.get(url + path) as resp:
+                assert resp.status == 404, path
+                body = await resp.json()
+                assert body["error"] == "not_found", path
+                assert path.split("?")[0] in body["message"], path
+        async with http.post(url + "/accounts/a1/alerts") as resp:
+            assert resp.status == 405
+            assert (await resp.json())["error"] == "method_not_allowed"
+            assert "GET" in resp.headers["Allow"]

@@ -7,6 +7,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.integration.checks import assert_routing_errors_are_json
 from tests.integration.harness import Worker, fresh_database, new_app_id, own_broker
 
 pytestmark = pytest.mark.asyncio
@@ -51,6 +52,7 @@ async def test_tokens_guard_every_protected_route(tmp_path: Path) -> None:
                 for path in OPEN:
                     code, _ = await status(http, worker.url + path, None)
                     assert code == 200, path
+            await assert_routing_errors_are_json(worker.url)
             assert "s3cret" not in worker.log.read_text()
         finally:
             worker.stop()

@@ -27,7 +27,7 @@ from finflow.loadgen import Spec, generate
 from finflow.settings import from_env
 from models.transaction import Transaction
 from tables.state import AccountState, Retention
-from tests.integration.checks import assert_exact, wait_counted
+from tests.integration.checks import assert_exact, assert_routing_errors_are_json, wait_counted
 from tests.integration.harness import (
     FINFLOW,
     Worker,
@@ -321,6 +321,7 @@ async def test_hot_path_with_workers_api_and_a_redis_cut(tmp_path: Path) -> None
                 async with aiohttp.ClientSession() as http:
                     before = [await cache_counts(http, u) for u in [*urls, api.url]]
                     await assert_exact([*urls, api.url], ref1)
+                    await assert_routing_errors_are_json(api.url)
                     after = [await cache_counts(http, u) for u in [*urls, api.url]]
                 hits = [
                     a.get("hit", 0) - b.get("hit", 0) for a, b in zip(after, before, strict=True)
