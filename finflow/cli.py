@@ -267,13 +267,14 @@ def _unbacked_tables(tabledir: Path, settings: Settings) -> dict[int, tuple[int,
     """Local partitions of the accounts table that its changelog no longer backs."""
     from agents.topology import accounts  # outside the check's loop: it binds Faust services
     from finflow import local_state
+    from finflow.preflight import bootstrap_of
 
     return asyncio.run(
         local_state.find_unbacked(
             Path(tabledir),
             accounts.name,
             accounts.changelog_topic.get_topic_name(),
-            _bootstrap(),
+            bootstrap_of(settings),
             settings.broker_security,
         )
     )

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from faust.stores.rocksdb import Store
 from rocksdict import AccessType, Options, Rdict
 
-from finflow import kafka_security
+from finflow.preflight import metadata_client, partitions_of
 from finflow.settings import BrokerSecurity
 
 
@@ -42,23 +42,11 @@ async def changelog_ends(
     bootstrap: str, topic: str, partitions: list[int], security: BrokerSecurity
 ) -> dict[int, int]:
     """End offset (the next offset to be written) of each of ``partitions`` of ``topic``;
-    0 for a partition or topic that does not exist (listing topics never creates one)."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        **kafka_security.client_kwargs(security),
-    )
-    await consumer.start()
-    try:
-        existing = (
-            consumer.partitions_for_topic(topic) or set()
-            if topic in await consumer.topics()
-            else set()
-        )
+    0 for a partition or topic that does not exist."""
+    async with metadata_client(bootstrap, security) as consumer:
+        existing = await partitions_of(consumer, topic) or set()
         wanted = [TopicPartition(topic, p) for p in partitions if p in existing]
         ends = await consumer.end_offsets(wanted) if wanted else {}
-    finally:
-        await consumer.stop()
     return {p: ends.get(TopicPartition(topic, p), 0) for p in partitions}
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import aiokafka.errors as kafka_errors
 from aiokafka import AIOKafkaConsumer
 from aiokafka.conn import create_conn
@@ -43,10 +46,11 @@ async def check_broker_access(conf: Settings) -> None:
         conn.close()
 
 
-async def existing_partitions(
-    bootstrap: str, topic: str, security: BrokerSecurity | None = None
-) -> int | None:
-    """Partition count of ``topic`` if it exists (listing all topics never auto-creates one)."""
+@asynccontextmanager
+async def metadata_client(
+    bootstrap: str, security: BrokerSecurity | None = None
+) -> AsyncIterator[AIOKafkaConsumer]:
+    """A started consumer that subscribes to nothing: for topic metadata and offsets."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
@@ -54,12 +58,25 @@ async def existing_partitions(
     )
     await consumer.start()
     try:
-        if topic not in await consumer.topics():
-            return None
-        partitions = consumer.partitions_for_topic(topic) or set()
-        return len(partitions)
+        yield consumer
     finally:
         await consumer.stop()
+
+
+async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> set[int] | None:
+    """The partitions of ``topic`` if it exists (listing all topics never auto-creates one)."""
+    if topic not in await consumer.topics():
+        return None
+    return set(consumer.partitions_for_topic(topic) or ())
+
+
+async def existing_partitions(
+    bootstrap: str, topic: str, security: BrokerSecurity | None = None
+) -> int | None:
+    """Partition count of ``topic`` if it exists."""
+    async with metadata_client(bootstrap, security) as consumer:
+        partitions = await partitions_of(consumer, topic)
+    return None if partitions is None else len(partitions)
 
 
 async def check_input_topic(conf: Settings, topic: str) -> None:
