@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 
 #: Account keys whose partition is remembered (about 100 bytes each).
 PARTITION_MEMO = 200_000
+#: Records taken through every step of :meth:`IngestProcessor.process` at a time, so that a
+#: chunk's objects are still in the CPU's caches at the next step. Measured over the bench
+#: stream (processor alone with database rows, 300k records, 100k accounts, 3 interleaved
+#: rounds; CPU per record against the whole 5,000-record batch at once): 128 at a time
+#: 0.72x, 64 0.71x, 32 0.71x, 16 0.73x. The worker, storage off: 1.37x records/s.
+CHUNK = 64
 
 
 class MessageLike(Protocol):
@@ -131,11 +137,32 @@ class IngestProcessor:
         self._pending: dict[tuple[int, bytes], bytes] = {}
 
     def process(self, messages: Sequence[MessageLike], now_ms: int | None = None) -> Batch:
-        """Apply one batch to account states in memory; nothing is written yet (see commit)."""
+        """Apply one batch to account states in memory; nothing is written yet (see commit).
+
+        The batch is applied in chunks of :data:`CHUNK` records, each taken through every
+        step (validate, load, apply, encode) before the next: a chunk's objects stay in the
+        CPU's caches between the steps, where a whole batch's would not. A later chunk reads
+        an account an earlier one changed from the batch's values (``_pending``).
+        """
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         batch = Batch(BatchResult())
-        result = batch.result
         changed: dict[tuple[int, bytes], None] = {}  # slots to write, in order
+        snapshots: dict[tuple[bytes, str, int], SnapshotRow] = {}
+        for start in range(0, len(messages), CHUNK):
+            self._chunk(messages[start : start + CHUNK], now_ms, batch, changed, snapshots)
+        batch.result.accounts = len(changed)
+        batch.snapshots = list(snapshots.values())  # the last of each window
+        return batch
+
+    def _chunk(
+        self,
+        messages: Sequence[MessageLike],
+        now_ms: int,
+        batch: Batch,
+        changed: dict[tuple[int, bytes], None],
+        snapshots: dict[tuple[bytes, str, int], SnapshotRow],
+    ) -> None:
+        result = batch.result
         n = self.partitions
         oldest_ms = now_ms - self.conf.retention.longest_ms  # older events are too late
         applicable: list[tuple[MessageLike, Transaction, tuple[int, bytes], int]] = []
@@ -156,12 +183,13 @@ class IngestProcessor:
                 continue
             applicable.append((msg, txn, (msg.partition, key), source))
         touched = self._load_all({slot for _, _, slot, _ in applicable})
+        chunk_changed: dict[tuple[int, bytes], None] = {}
         for msg, txn, slot, source in applicable:
             state = touched[slot]
             if state.seen_offset(source, msg.offset):
                 result.replayed += 1
                 continue
-            changed[slot] = None
+            chunk_changed[slot] = None
             if state.accept(txn, source, msg.offset, self.conf.retention):
                 batch.alerts.extend(rules.evaluate(self.conf.rules, state.profile, txn, now_ms))
                 state.add(txn)
@@ -173,8 +201,8 @@ class IngestProcessor:
                     batch.txns.append(rows.txn_row(txn, msg.topic, msg.partition, msg.offset))
             else:
                 result.duplicates += 1
-        self._finish(batch, touched, changed, now_ms)
-        return batch
+        changed.update(chunk_changed)
+        self._finish(batch, touched, chunk_changed, now_ms, snapshots)
 
     def commit(self, batch: Batch) -> None:
         """Write the batch's account values (and their changelog records)."""
@@ -262,6 +290,7 @@ class IngestProcessor:
         touched: dict[tuple[int, bytes], AccountState],
         changed: dict[tuple[int, bytes], None],
         now_ms: int,
+        snapshots: dict[tuple[bytes, str, int], SnapshotRow],
     ) -> None:
         wall_ms = int(time.time() * 1000)
         for slot in changed:
@@ -269,7 +298,7 @@ class IngestProcessor:
             state = touched[slot]
             state.prune(now_ms, wall_ms, self.conf.retention)
             if self.rows:  # before encode, which seals the buckets again
-                batch.snapshots.extend(rows.snapshot_rows(key.decode(), state))
+                for row in rows.snapshot_rows(key.decode(), state):
+                    snapshots[(key, row.window_size, row.start_ms)] = row
             value = batch.writes.setdefault(partition, {})[key] = state.encode()
             self._pending[slot] = value
-        batch.result.accounts = len(changed)

@@ -149,3 +149,37 @@ def test_a_defect_in_validation_dead_letters_the_record_and_the_batch_goes_on(
     assert batch.result.rejected == {"invalid_schema": 1}
     assert dead == [(1, "invalid_schema", "record could not be validated: RuntimeError('boom')")]
     assert [r.offset for r in batch.rejections] == [1]
+
+
+def test_a_batch_longer_than_a_chunk_applies_as_one() -> None:
+    """A batch is applied a chunk at a time; an account in several chunks still counts every
+    transaction once, is read from the table once, and has one database snapshot per window
+    (the last), with the batch's final count."""
+    from agents import processor as module
+
+    reads: list[bytes] = []
+
+    class CountingTable(DictTable):
+        def read_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
+            reads.extend(keys)
+            return super().read_many(partition, keys)
+
+    table = CountingTable()
+    proc = processor(table)
+    proc.rows = True
+    accounts = ["acc-1", "acc-2", "acc-3"]
+    records = [record(i, f"t{i}", account=accounts[i % 3]) for i in range(3 * module.CHUNK)]
+    records.append(record(len(records), "t0", account="acc-1"))  # a repeat from chunk 1
+    batch = proc.process(records, now_ms=NOW)
+    assert (batch.result.accepted, batch.result.duplicates) == (3 * module.CHUNK, 1)
+    assert batch.result.accounts == 3
+    assert sorted(reads) == sorted(a.encode() for a in accounts)
+    assert len(batch.txns) == 3 * module.CHUNK
+    windows = {(s.account_id, s.window_size, s.start_ms): s for s in batch.snapshots}
+    assert len(windows) == len(batch.snapshots)
+    for account in accounts:
+        final = [s for s in batch.snapshots if s.account_id == account]
+        assert {s.events for s in final} == {module.CHUNK}  # every record of the batch
+        assert {s.version for s in final} == {module.CHUNK}
+    proc.commit(batch)
+    assert [stored_count(table, a) for a in accounts] == [module.CHUNK] * 3
