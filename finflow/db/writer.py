@@ -263,18 +263,23 @@ async def _write_bulk(
                 copy.set_types(_TXN_TYPES)
                 for txn in txns:
                     await copy.write_row(txn)
-            await cur.execute(_INSERT_TXN)
         if snaps:
             set_json_dumps(_json, context=cur)  # ~2x json.dumps; currencies is JSON-ready
             async with cur.copy(_COPY_SNAP) as copy:
                 copy.set_types(_SNAP_TYPES)
                 for snap in snaps:
                     await copy.write_row(snap)
-            await cur.execute(_INSERT_SNAP)
-        if alerts:
-            await cur.executemany(_INSERT_ALERT, _alert_params(alerts))
-        if audit:
-            await cur.executemany(_INSERT_AUDIT, _audit_params(audit))
+        # The statements after the COPYs (which a pipeline cannot carry) go to the server
+        # together and are answered together: one round trip instead of one each.
+        async with conn.pipeline():
+            if txns:
+                await cur.execute(_INSERT_TXN)
+            if snaps:
+                await cur.execute(_INSERT_SNAP)
+            if alerts:
+                await cur.executemany(_INSERT_ALERT, _alert_params(alerts))
+            if audit:
+                await cur.executemany(_INSERT_AUDIT, _audit_params(audit))
 
 
 async def _write_rows(
