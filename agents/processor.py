@@ -147,11 +147,10 @@ class IngestProcessor:
         """
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         batch = Batch(BatchResult())
-        changed: dict[tuple[int, bytes], None] = {}  # slots to write, in order
         snapshots: dict[tuple[bytes, str, int], SnapshotRow] = {}
         for start in range(0, len(messages), CHUNK):
-            self._chunk(messages[start : start + CHUNK], now_ms, batch, changed, snapshots)
-        batch.result.accounts = len(changed)
+            self._chunk(messages[start : start + CHUNK], now_ms, batch, snapshots)
+        batch.result.accounts = sum(map(len, batch.writes.values()))
         batch.snapshots = list(snapshots.values())  # the last of each window
         return batch
 
@@ -160,7 +159,6 @@ class IngestProcessor:
         messages: Sequence[MessageLike],
         now_ms: int,
         batch: Batch,
-        changed: dict[tuple[int, bytes], None],
         snapshots: dict[tuple[bytes, str, int], SnapshotRow],
     ) -> None:
         result = batch.result
@@ -184,13 +182,13 @@ class IngestProcessor:
                 continue
             applicable.append((msg, txn, (msg.partition, key), source))
         touched = self._load_all({slot for _, _, slot, _ in applicable})
-        chunk_changed: dict[tuple[int, bytes], None] = {}
+        changed: dict[tuple[int, bytes], None] = {}  # slots to write, in order
         for msg, txn, slot, source in applicable:
             state = touched[slot]
             if state.seen_offset(source, msg.offset):
                 result.replayed += 1
                 continue
-            chunk_changed[slot] = None
+            changed[slot] = None
             if state.accept(txn, source, msg.offset, self.conf.retention):
                 batch.alerts.extend(rules.evaluate(self.conf.rules, state.profile, txn, now_ms))
                 state.add(txn)
@@ -202,8 +200,7 @@ class IngestProcessor:
                     batch.txns.append(rows.txn_row(txn, msg.topic, msg.partition, msg.offset))
             else:
                 result.duplicates += 1
-        changed.update(chunk_changed)
-        self._finish(batch, touched, chunk_changed, now_ms, snapshots)
+        self._finish(batch, touched, changed, now_ms, snapshots)
 
     def commit(self, batch: Batch) -> None:
         """Write the batch's account values (and their changelog records)."""
