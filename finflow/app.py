@@ -44,6 +44,10 @@ def create_app(conf: settings_module.Settings) -> faust.App:
         producer_linger=0.005,
         producer_max_batch_size=512 * 1024,
         web_enabled=True,
+        # Faust's own /router and /table views answer without FinFlow's token check (the
+        # key view serves an account's raw value); FinFlow forwards with its own views.
+        web_router_enabled=False,
+        web_tables_enabled=False,
         web_application_options={"middlewares": [json_errors]},
     )
 
