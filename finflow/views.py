@@ -165,8 +165,9 @@ async def forward(view: View, request: Request, tp: TP) -> Response:
         async with app.http_client.get(target, headers=headers, timeout=_TIMEOUT) as resp:
             text = await resp.text()
             return view.text(text, content_type="application/json", status=resp.status)
-    except (OSError, TimeoutError) as exc:
-        raise ApiError(503, "owner_unreachable", f"owner worker unreachable: {exc}") from None
+    except (OSError, TimeoutError, aiohttp.ClientError) as exc:
+        # ClientError: the owner closed the connection mid-answer (a restart), a broken reply
+        raise ApiError(503, "owner_unreachable", f"owner worker unreachable: {exc!r}") from None
 
 
 @app.page("/accounts/{account_id}/aggregates")
