@@ -281,6 +281,8 @@ def from_config(config: Mapping[str, Any]) -> Rules:
     for name, values in config.items():
         if name not in _CHECKS:
             raise ValueError(f"unknown rule {name!r}")
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{name} must be an object {{setting: value}}, got {values!r}")
         current = getattr(rules, name)
         known = {f.name for f in fields(current)}
         unknown = set(values) - known
@@ -300,11 +302,29 @@ def _coerce(default: Any, value: Any) -> Any:
             raise ValueError(f"expected true/false, got {value!r}")
         return value
     if isinstance(default, Decimal):
-        return Decimal(str(value))
+        return _amount(value)
     if isinstance(default, Mapping):
-        return {str(k): Decimal(str(v)) for k, v in value.items()}
+        return {str(k): _amount(v) for k, v in value.items()}
     if isinstance(default, str):
         if value not in ("low", "medium", "high"):
             raise ValueError(f"severity must be low, medium or high, got {value!r}")
         return value
+    # Counts, spans and z: JSON numbers, finite and not negative (json reads NaN/Infinity;
+    # a NaN threshold would fail at the first transaction evaluated, on every restart).
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a number, got {value!r}")
+    if isinstance(default, int) and not isinstance(value, int):
+        raise ValueError(f"expected a whole number, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"expected a finite number >= 0, got {value!r}")
     return type(default)(value)
+
+
+def _amount(value: Any) -> Decimal:
+    """A money threshold: a JSON number or decimal string, finite and not negative."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected an amount, got {value!r}")
+    amount = Decimal(str(value))
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"expected a finite amount >= 0, got {value!r}")
+    return amount

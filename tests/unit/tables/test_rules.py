@@ -177,9 +177,22 @@ def test_thresholds_from_config() -> None:
         {"velocity": {"enabled": "yes"}},
         {"high_value": {"threshold": "lots"}},
         {"velocity": {"severity": "urgent"}},
+        {"velocity": 5},
+        {"velocity": None},
+        {"velocity": {"span_ms": -5}},
+        {"velocity": {"max_count": 1.9}},
+        {"velocity": {"max_count": True}},
+        {"velocity": {"max_count": "10"}},
+        {"amount_spike": {"z": float("inf")}},
+        {"amount_spike": {"z": float("nan")}},
+        {"high_value": {"threshold": float("nan")}},
+        {"high_value": {"threshold": "Infinity"}},
+        {"high_value": {"threshold": "-1"}},
+        {"high_value": {"per_currency": {"JPY": "NaN"}}},
+        {"high_value": {"per_currency": ["JPY"]}},
     ],
 )
-def test_bad_config_is_rejected(config: dict[str, dict[str, object]]) -> None:
+def test_bad_config_is_rejected(config: dict[str, object]) -> None:
     with pytest.raises(ValueError, match=r"\w"):
         rules.from_config(config)
 
