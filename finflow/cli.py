@@ -286,8 +286,10 @@ def run_worker(args: argparse.Namespace) -> int:
     from finflow import gcpolicy, preflight, tansu
 
     gcpolicy.limit_malloc_arenas()  # before any thread (DNS executor, consumer, RocksDB) starts
+    from finflow import local_state
     from finflow.app import app, settings
 
+    local_state.ensure_data_dir(settings.data_dir)  # before the broker: it may take a minute
     if settings.broker_flavor == "tansu" or (
         settings.broker_flavor == "auto" and asyncio.run(broker_is_tansu(_bootstrap()))
     ):

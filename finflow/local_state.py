@@ -10,14 +10,34 @@ it from the changelog; so does the worker (``finflow.cli``), before Faust opens 
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from aiokafka import TopicPartition
 from faust.stores.rocksdb import Store
 from rocksdict import AccessType, Options, Rdict
 
+from finflow.errors import ConfigError
 from finflow.preflight import metadata_client, partitions_of
 from finflow.settings import BrokerSecurity
+
+
+def ensure_data_dir(data_dir: str) -> Path:
+    """``FINFLOW_DATA_DIR``, created if missing, once a file could be written there; a
+    one-line :class:`ConfigError` naming the variable otherwise (a path through a file, a
+    read-only or full file system), before the worker contacts the broker: Faust would fail
+    later, with a traceback, opening its first table."""
+    path = Path(data_dir)
+    try:
+        if not data_dir:
+            raise ValueError("it is empty")
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"FINFLOW_DATA_DIR={data_dir!r} is invalid: {reason}") from None
+    return path
 
 
 def persisted_offsets(tabledir: Path, table: str) -> dict[int, int]:

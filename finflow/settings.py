@@ -75,7 +75,23 @@ def _read(env: Mapping[str, str], name: str, default: str, parse: Callable[[str]
     try:
         return parse(text)
     except ValueError as exc:
-        raise ConfigError(f"{name}={text!r} is invalid: {exc}") from None
+        raise ConfigError(f"{name}={masked(text)!r} is invalid: {exc}") from None
+
+
+_SECRET_PARAM = re.compile(r"(?i)([?&][^=&#]*(?:pass|secret|token|key)[^=&#]*=)[^&#]*")
+
+
+def masked(text: str) -> str:
+    """``text`` with the secrets of a URL in it replaced by ``***``: the password (everything
+    between the first ``:`` after ``scheme://`` and the last ``@``: a password may hold ``/``
+    or ``@``) and query parameters such as ``password=``."""
+    text = _SECRET_PARAM.sub(r"\1***", text)
+    scheme, sep, rest = text.partition("://")
+    at = rest.rfind("@")
+    colon = rest.find(":")
+    if not sep or at < 0 or not 0 <= colon < at:
+        return text
+    return f"{scheme}://{rest[: colon + 1]}***{rest[at:]}"
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -167,7 +183,6 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         ),
         dedup_ms=_read(env, "FINFLOW_DEDUP_WINDOW", "24h", parse_duration_ms),
     )
-    tokens = env.get("FINFLOW_API_TOKENS", "")
     return Settings(
         app_id=_read(env, "FINFLOW_APP_ID", d.app_id, _choice_id),
         broker_urls=_read(env, "FINFLOW_BROKER_URL", ",".join(d.broker_urls), _broker_urls),
@@ -176,23 +191,25 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         redis_url=_read(env, "FINFLOW_REDIS_URL", d.redis_url, _optional(_url(_REDIS_SCHEMES))),
         web_host=env.get("FINFLOW_WEB_HOST", d.web_host),
         web_port=_read(env, "FINFLOW_WEB_PORT", str(d.web_port), _port),
-        advertised_url=env.get("FINFLOW_ADVERTISED_URL", d.advertised_url),
+        advertised_url=_read(env, "FINFLOW_ADVERTISED_URL", d.advertised_url, _advertised_url),
         data_dir=env.get("FINFLOW_DATA_DIR", d.data_dir),
         topic_partitions=_read(env, "FINFLOW_TOPIC_PARTITIONS", "8", _positive_int),
-        api_tokens=tuple(t.strip() for t in tokens.split(",") if t.strip()),
+        api_tokens=_read(env, "FINFLOW_API_TOKENS", "", _tokens),
         processing_guarantee=_read(
             env, "FINFLOW_PROCESSING_GUARANTEE", d.processing_guarantee, _choice(GUARANTEES)
         ),
         batch_size=_read(env, "FINFLOW_BATCH_SIZE", str(d.batch_size), _positive_int),
         batch_within_ms=_read(env, "FINFLOW_BATCH_WITHIN", "5ms", parse_duration_ms),
-        session_timeout_ms=_read(env, "FINFLOW_BROKER_SESSION_TIMEOUT", "10s", parse_duration_ms),
-        heartbeat_ms=_read(env, "FINFLOW_BROKER_HEARTBEAT_INTERVAL", "1s", parse_duration_ms),
+        session_timeout_ms=_read(
+            env, "FINFLOW_BROKER_SESSION_TIMEOUT", "10s", _positive_duration_ms
+        ),
+        heartbeat_ms=_read(env, "FINFLOW_BROKER_HEARTBEAT_INTERVAL", "1s", _positive_duration_ms),
         standby_replicas=_read(env, "FINFLOW_STANDBY_REPLICAS", "1", _non_negative_int),
         max_future_ms=_read(env, "FINFLOW_MAX_FUTURE_SKEW", "15m", parse_duration_ms),
         retention=retention,
-        db_chunk_interval_ms=_read(env, "FINFLOW_DB_CHUNK_INTERVAL", "1d", parse_duration_ms),
-        db_retention_ms=_read(env, "FINFLOW_DB_RETENTION", "400d", parse_duration_ms),
-        db_compress_after_ms=_read(env, "FINFLOW_DB_COMPRESS_AFTER", "40d", parse_duration_ms),
+        db_chunk_interval_ms=_read(env, "FINFLOW_DB_CHUNK_INTERVAL", "1d", _positive_duration_ms),
+        db_retention_ms=_read(env, "FINFLOW_DB_RETENTION", "400d", _positive_duration_ms),
+        db_compress_after_ms=_read(env, "FINFLOW_DB_COMPRESS_AFTER", "40d", _positive_duration_ms),
         db_partitions_ahead=_read(env, "FINFLOW_DB_PARTITIONS_AHEAD", "3", _non_negative_int),
         sink_max_delay_ms=_read(env, "FINFLOW_SINK_MAX_DELAY", "1s", parse_duration_ms),
         sink_enabled=_read(env, "FINFLOW_SINK_ENABLED", "true", _bool),
@@ -303,7 +320,7 @@ def _redacted_repr(obj: object, *, secrets: tuple[str, ...], urls: tuple[str, ..
         if f.name in secrets and value:
             text = _REDACTED
         elif f.name in urls:
-            text = repr(re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", value))
+            text = repr(masked(value))
         else:
             text = repr(value)
         parts.append(f"{f.name}={text}")
@@ -334,6 +351,22 @@ def _positive_duration_ms(text: str) -> int:
     if value <= 0:
         raise ValueError("must be more than zero")
     return value
+
+
+def _tokens(text: str) -> tuple[str, ...]:
+    """Comma-separated bearer tokens; unset or empty: none (the API is open)."""
+    tokens = tuple(t.strip() for t in text.split(",") if t.strip())
+    if text.strip() and not tokens:  # " , ": meant to set tokens, would leave the API open
+        raise ValueError("it is set but holds no token")
+    return tokens
+
+
+def _advertised_url(text: str) -> str:
+    """``http(s)://host[:port]`` other workers forward reads to; empty: derived."""
+    url = text.strip().rstrip("/")
+    if url and not re.fullmatch(r"https?://[^\s/:]+(:\d+)?", url):
+        raise ValueError("not an http://host:port URL")
+    return url
 
 
 def _http_urls(text: str) -> tuple[str, ...]:

@@ -64,6 +64,22 @@ async def test_bad_value_names_the_variable(tmp_path: Path) -> None:
     ]
 
 
+async def test_unusable_data_directory_fails_before_the_broker(tmp_path: Path) -> None:
+    """A data directory the worker cannot create fails at once, naming the variable (it
+    used to surface after the broker answered, as a traceback from the first table)."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    data_dir = str(blocker / "finflow")
+    worker = Worker("127.0.0.1:1", tmp_path, "w", new_app_id(), FINFLOW_DATA_DIR=data_dir)
+    started = time.monotonic()
+    done = run_worker(worker)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"finflow: configuration error: FINFLOW_DATA_DIR={data_dir!r} is invalid: Not a directory"
+    ]
+    assert time.monotonic() - started < 30  # not after the broker wait (60 s)
+
+
 async def test_worker_waits_for_a_broker_that_starts_after_it(tmp_path: Path) -> None:
     """Worker and broker often start together (compose, a rolling restart): the worker's first
     contact waits for the broker instead of exiting with a traceback."""

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from rocksdict import Options, Rdict
 
 from finflow.app import create_app, settings
-from finflow.local_state import persisted_offsets, unbacked
+from finflow.errors import ConfigError
+from finflow.local_state import ensure_data_dir, persisted_offsets, unbacked
 
 
 def test_a_store_is_unbacked_when_its_offset_is_not_below_the_changelog_end() -> None:
@@ -36,3 +38,18 @@ def test_each_app_id_has_its_own_table_directory() -> None:
     two = create_app(replace(settings, app_id="two", data_dir="/srv/finflow"))
     assert str(one.conf.tabledir).startswith("/srv/finflow/one/")
     assert str(two.conf.tabledir).startswith("/srv/finflow/two/")
+
+
+def test_the_data_directory_is_created_and_a_file_is_refused(tmp_path: Path) -> None:
+    nested = tmp_path / "a" / "b"
+    assert ensure_data_dir(str(nested)) == nested
+    assert nested.is_dir()
+    assert list(nested.iterdir()) == []  # the write probe leaves nothing behind
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for bad, reason in ((blocker, "File exists"), (blocker / "sub", "Not a directory")):
+        with pytest.raises(ConfigError) as raised:
+            ensure_data_dir(str(bad))
+        assert str(raised.value) == f"FINFLOW_DATA_DIR={str(bad)!r} is invalid: {reason}"
+    with pytest.raises(ConfigError, match=r"^FINFLOW_DATA_DIR='' is invalid: it is empty$"):
+        ensure_data_dir("")

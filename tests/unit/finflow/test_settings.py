@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -79,6 +80,12 @@ def test_values_are_read() -> None:
         ("FINFLOW_BROKER_URL", "kafka://k1:9092,kafka://"),
         ("FINFLOW_DATABASE_URL", "mysql://127.0.0.1:3306/finflow"),
         ("FINFLOW_REDIS_URL", "http://127.0.0.1:6379/0"),
+        ("FINFLOW_ADVERTISED_URL", "worker-0:6066"),
+        ("FINFLOW_ADVERTISED_URL", "http://worker-0:6066/path"),
+        ("FINFLOW_API_TOKENS", " , "),
+        ("FINFLOW_DB_CHUNK_INTERVAL", "0s"),
+        ("FINFLOW_DB_RETENTION", "0d"),
+        ("FINFLOW_BROKER_SESSION_TIMEOUT", "0ms"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:
@@ -107,3 +114,38 @@ def test_web_url() -> None:
     assert Settings(web_port=7000).web_url == "http://127.0.0.1:7000"
     assert Settings(web_host="10.0.0.5", web_port=7000).web_url == "http://10.0.0.5:7000"
     assert Settings(advertised_url="http://pod-1:6066").web_url == "http://pod-1:6066"
+
+
+def test_a_rules_file_with_a_non_finite_threshold_fails_at_start(tmp_path: Path) -> None:
+    """json reads NaN; a NaN threshold used to pass and fail at the first transaction."""
+    path = tmp_path / "rules.json"
+    path.write_text('{"high_value": {"threshold": NaN}}')
+    with pytest.raises(ConfigError) as info:
+        from_env({"FINFLOW_RULES_FILE": str(path)})
+    assert str(info.value).startswith(f"FINFLOW_RULES_FILE={str(path)!r} is invalid: bad value")
+    path.write_text('{"velocity": 5}')
+    with pytest.raises(ConfigError, match=r"^FINFLOW_RULES_FILE=.* must be an object"):
+        from_env({"FINFLOW_RULES_FILE": str(path)})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("FINFLOW_DATABASE_URL", "postgres+psycopg://u:s3cret@db/finflow"),
+        ("FINFLOW_DATABASE_URL", "mysql://u:s3/cr@et@db/finflow"),
+        ("FINFLOW_DATABASE_URL", "mysql://db/finflow?password=s3cret"),
+        ("FINFLOW_REDIS_URL", "http://:s3cret@cache:6379/0"),
+    ],
+)
+def test_an_error_does_not_repeat_a_password(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        from_env({name: value})
+    assert str(info.value).startswith(f"{name}=")
+    assert "s3" not in str(info.value)
+    assert "***" in str(info.value)
+
+
+def test_advertised_url_and_tokens_as_given() -> None:
+    conf = from_env({"FINFLOW_ADVERTISED_URL": "http://worker-1:6066/", "FINFLOW_API_TOKENS": ""})
+    assert (conf.advertised_url, conf.api_tokens) == ("http://worker-1:6066", ())
+    assert from_env({"FINFLOW_API_TOKENS": " a ,b,, "}).api_tokens == ("a", "b")
