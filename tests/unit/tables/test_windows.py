@@ -339,3 +339,25 @@ def test_encode_decode_round_trip() -> None:
     assert copy.apply(txn("1", NOW + 5, 1250, "USD", "m1"), 0, 10**6, RETENTION) is False
     assert copy.apply(txn("5", NOW + 6, 1, "USD"), 0, 10**6 + 1, RETENTION) is True
     assert copy.window("1m", NOW).currencies["USD"] == CurrencyStats(2, 1251, 1, 1250)
+
+
+def test_a_huge_merchant_id_counts_without_growing_the_value() -> None:
+    """The contract puts no bound on merchant_id; a bucket keeps a long one as a digest, so
+    a valid transaction cannot push the account's value (and changelog record) past the
+    broker's record limit, and distinct merchants still count exactly."""
+    huge = "m" * 300_000
+    same_prefix = "m" * 300_000 + "x"
+    state = state_with(
+        txn("t1", T, merchant=huge),
+        txn("t2", T + 1, merchant=huge),  # the same merchant again
+        txn("t3", T + 2, merchant=same_prefix),
+        txn("t4", T + 3, merchant="m" * 64),  # kept as it is (64 characters)
+    )
+    assert len(state.encode()) < 2_000
+    for name in SIZES:
+        assert len(state.window(name, T).merchants) == 3
+    assert len(state.rolling(10 * MIN, T).merchants) == 3
+    reread = AccountState.decode(state.encode())
+    reread.apply(txn("t5", T + 4, merchant=huge), 0, next(_offsets), RETENTION)
+    assert len(reread.window("1h", T).merchants) == 3
+    assert reread.window("1h", T).count == 5
