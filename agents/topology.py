@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agents.batching import BatchTopic
-from finflow.app import app, settings
+from finflow.app import MAX_RECORD_BYTES, app, settings
 from tables.store import PartitionedTable
 
 TRANSACTIONS = "transactions"
@@ -22,13 +22,15 @@ ROCKSDB_MEMORY = {
     "block_cache_size": 16 << 20,
     "block_cache_compressed_size": 8 << 20,
 }
+#: The records FinFlow writes can exceed Kafka's 1 MB default (``finflow.app.MAX_RECORD_BYTES``).
+_LARGE = {"max.message.bytes": str(MAX_RECORD_BYTES)}
 _RETENTION = {"retention.ms": str(7 * 86_400_000), "retention.bytes": "-1"}
 
 transactions_topic = app.topic(
     TRANSACTIONS, partitions=settings.topic_partitions, config=_RETENTION
 )
 by_account_topic = app.topic(
-    BY_ACCOUNT, partitions=settings.topic_partitions, internal=True, config=_RETENTION
+    BY_ACCOUNT, partitions=settings.topic_partitions, internal=True, config=_RETENTION | _LARGE
 )
 # The agent reads both: records keyed by their account are processed where they land,
 # the rest are first re-keyed to the by-account topic (co-partitioning, as group_by does).
@@ -39,7 +41,7 @@ ingest_topic = BatchTopic(
     maxsize=4 * settings.batch_size,
 )
 app.topics.add(ingest_topic)  # subscribed (and co-partitioned) like an agent's topic
-dlq_topic = app.topic(DLQ, partitions=settings.topic_partitions, config=_RETENTION)
+dlq_topic = app.topic(DLQ, partitions=settings.topic_partitions, config=_RETENTION | _LARGE)
 alerts_topic = app.topic(ALERTS, partitions=settings.topic_partitions, config=_RETENTION)
 
 accounts = PartitionedTable(
@@ -49,7 +51,7 @@ accounts = PartitionedTable(
     partitions=settings.topic_partitions,
     key_type=bytes,  # raw bytes keys: the changelog partition matches the message key's
     value_type=bytes,
-    extra_topic_configs={"retention.ms": "-1", "retention.bytes": "-1"},
+    extra_topic_configs={"retention.ms": "-1", "retention.bytes": "-1"} | _LARGE,
     help="Per-account windows, profile and de-duplication state (tables.state).",
     options=ROCKSDB_MEMORY,
 )

@@ -15,6 +15,14 @@ settings = settings_module.from_env()
 producer_topics.apply()  # before Faust creates its producer
 
 
+#: Largest record of the topics FinFlow writes, and of a producer request (Kafka's default is
+#: 1 MB). An account's value carries its de-duplication ids (56 bytes per transaction of the
+#: last 24 h): one with 20,000 transactions a day is a 1.1 MB changelog record, which a
+#: broker at the default refuses, stopping the worker on that batch at every restart. The
+#: records FinFlow re-keys or dead-letters are an input record plus headers.
+MAX_RECORD_BYTES = 64 << 20
+
+
 def create_app(conf: settings_module.Settings) -> faust.App:
     """Build the Faust app from FinFlow settings."""
     return faust.App(
@@ -43,6 +51,7 @@ def create_app(conf: settings_module.Settings) -> faust.App:
         value_serializer="raw",
         producer_linger=0.005,
         producer_max_batch_size=512 * 1024,
+        producer_max_request_size=MAX_RECORD_BYTES,
         web_enabled=True,
         # Faust's own /router and /table views answer without FinFlow's token check (the
         # key view serves an account's raw value); FinFlow forwards with its own views.
