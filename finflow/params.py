@@ -16,6 +16,9 @@ MAX_SPAN_MS = 1440 * MINUTE_MS
 #: window, a rolling span's end) end in year 10000, which RFC 3339 cannot write.
 LAST_INSTANT_MS = MAX_EPOCH_MS - WINDOW_SIZES["1d"]
 _SPAN_RE = re.compile(r"([1-9]\d{0,4})([mh])", re.ASCII)
+#: An RFC 3339 time whose ``+`` offset reached us as a space: a query string sent unencoded
+#: (``?at=2026-01-01T00:00:00+01:00`` from a shell) decodes ``+`` as a space.
+_PLUS_AS_SPACE = re.compile(r"(.+[Tt]\d\d:\d\d:\d\d(?:\.\d+)?) (\d\d:\d\d)", re.ASCII)
 
 
 def bad(name: str, message: str) -> ApiError:
@@ -51,6 +54,8 @@ def instant_ms(query: Mapping[str, str], name: str, *, required: bool = False) -
         return int(time.time() * 1000)
     if len(value) > 64:
         raise bad(name, "is too long")
+    if (plus := _PLUS_AS_SPACE.fullmatch(value)) is not None:
+        value = f"{plus.group(1)}+{plus.group(2)}"
     try:
         ms = parse_timestamp(int(value) if value.isascii() and value.isdigit() else value)
     except ValidationError as exc:
