@@ -58,7 +58,8 @@ def dead_letter(msg: MessageLike, error: ValidationError) -> None:
         "finflow.error.reason": error.reason.value.encode(),
         "finflow.error.message": error.message.encode(),
     }
-    key = _headers(msg).get("finflow.original.key", msg.key) if msg.topic == BY_ACCOUNT else msg.key
+    # A re-keyed record carries its original key in a header, absent when it had none.
+    key = _headers(msg).get("finflow.original.key") if msg.topic == BY_ACCOUNT else msg.key
     dlq_topic.send_soon(
         key=key,
         value=msg.value,
