@@ -53,7 +53,8 @@ def _broker_urls(text: str) -> tuple[str, ...]:
         if not part:
             continue
         url = part if "://" in part else f"kafka://{part}"
-        if not re.fullmatch(r"kafka://[^\s/:]+:\d+", url):
+        match = re.fullmatch(r"kafka://[^\s/:]+:(\d{1,5})", url)
+        if match is None or not 1 <= int(match.group(1)) <= 65535:
             raise ValueError(f"not a kafka://host:port address: {part!r}")
         urls.append(url)
     if not urls:
@@ -183,7 +184,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         ),
         dedup_ms=_read(env, "FINFLOW_DEDUP_WINDOW", "24h", parse_duration_ms),
     )
-    return Settings(
+    conf = Settings(
         app_id=_read(env, "FINFLOW_APP_ID", d.app_id, _choice_id),
         broker_urls=_read(env, "FINFLOW_BROKER_URL", ",".join(d.broker_urls), _broker_urls),
         broker_flavor=_read(env, "FINFLOW_BROKER_FLAVOR", d.broker_flavor, _choice(FLAVORS)),
@@ -221,6 +222,12 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         rules=_read(env, "FINFLOW_RULES_FILE", "", _rules_file),
         broker_security=broker_security_from_env(env),
     )
+    if conf.heartbeat_ms >= conf.session_timeout_ms:  # the group would evict a live member
+        raise ConfigError(
+            f"FINFLOW_BROKER_HEARTBEAT_INTERVAL={conf.heartbeat_ms}ms is invalid: must be less"
+            f" than FINFLOW_BROKER_SESSION_TIMEOUT ({conf.session_timeout_ms}ms)"
+        )
+    return conf
 
 
 def broker_security_from_env(env: Mapping[str, str]) -> BrokerSecurity:

@@ -86,6 +86,9 @@ def test_values_are_read() -> None:
         ("FINFLOW_DB_CHUNK_INTERVAL", "0s"),
         ("FINFLOW_DB_RETENTION", "0d"),
         ("FINFLOW_BROKER_SESSION_TIMEOUT", "0ms"),
+        ("FINFLOW_BROKER_HEARTBEAT_INTERVAL", "10s"),
+        ("FINFLOW_BROKER_URL", "kafka://k1:99999"),
+        ("FINFLOW_BROKER_URL", "kafka://k1:0"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:
