@@ -370,10 +370,10 @@ def _tokens(text: str) -> tuple[str, ...]:
 
 def _advertised_url(text: str) -> str:
     """``http(s)://host[:port]`` other workers forward reads to; empty: derived."""
-    url = text.strip().rstrip("/")
-    if url and not re.fullmatch(r"https?://[^\s/:]+(:\d+)?", url):
-        raise ValueError("not an http://host:port URL")
-    return url
+    urls = _http_urls(text)
+    if len(urls) > 1:
+        raise ValueError("one URL, not a list")
+    return urls[0] if urls else ""
 
 
 def _http_urls(text: str) -> tuple[str, ...]:
