@@ -222,6 +222,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         rules=_read(env, "FINFLOW_RULES_FILE", "", _rules_file),
         broker_security=broker_security_from_env(env),
     )
+    if "FINFLOW_BROKER_HEARTBEAT_INTERVAL" not in env:  # 1s, or a third of a short session
+        heartbeat = max(1, min(conf.heartbeat_ms, conf.session_timeout_ms // 3))
+        conf = dataclasses.replace(conf, heartbeat_ms=heartbeat)
     if conf.heartbeat_ms >= conf.session_timeout_ms:  # the group would evict a live member
         raise ConfigError(
             f"FINFLOW_BROKER_HEARTBEAT_INTERVAL={conf.heartbeat_ms}ms is invalid: must be less"

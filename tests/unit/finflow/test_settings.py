@@ -152,3 +152,11 @@ def test_advertised_url_and_tokens_as_given() -> None:
     conf = from_env({"FINFLOW_ADVERTISED_URL": "http://worker-1:6066/", "FINFLOW_API_TOKENS": ""})
     assert (conf.advertised_url, conf.api_tokens) == ("http://worker-1:6066", ())
     assert from_env({"FINFLOW_API_TOKENS": " a ,b,, "}).api_tokens == ("a", "b")
+
+
+def test_the_heartbeat_follows_a_short_session_unless_set() -> None:
+    assert from_env({}).heartbeat_ms == 1_000
+    assert from_env({"FINFLOW_BROKER_SESSION_TIMEOUT": "1500ms"}).heartbeat_ms == 500
+    both = {"FINFLOW_BROKER_SESSION_TIMEOUT": "2s", "FINFLOW_BROKER_HEARTBEAT_INTERVAL": "2s"}
+    with pytest.raises(ConfigError, match=r"^FINFLOW_BROKER_HEARTBEAT_INTERVAL=2000ms"):
+        from_env(both)
