@@ -17,7 +17,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from finflow.db.writer import AuditRow, write_audit
-from finflow.settings import Settings, parse_duration_ms
+from finflow.settings import SECRET_PARAMS, Settings, parse_duration_ms
 from models.alerts import Alert
 
 ACTIONS = ("alert", "reject", "migrate", "config")
@@ -25,8 +25,6 @@ ACTIONS = ("alert", "reject", "migrate", "config")
 MAX_KEY_BYTES = 256
 MAX_MESSAGE_CHARS = 1000
 _MASK = "***"
-#: Connection-string parameters that carry credentials (libpq and redis-py spellings).
-_SECRET_PARAMS = ("password", "passfile", "sslpassword", "token", "secret")
 
 
 class RejectionLike(Protocol):
@@ -121,7 +119,7 @@ def redacted_settings(conf: Settings) -> str:
 def _redact_url(url: str) -> str:
     parts = urlsplit(url)
     query = [
-        (k, _MASK if any(s in k.lower() for s in _SECRET_PARAMS) else v)
+        (k, _MASK if any(s in k.lower() for s in SECRET_PARAMS) else v)
         for k, v in parse_qsl(parts.query, keep_blank_values=True)
     ]
     return parts._replace(query=urlencode(query, safe="*")).geturl()
@@ -132,7 +130,7 @@ def _secrets(conf: Settings) -> set[str]:
     for url in (conf.database_url, conf.redis_url):
         parts = urlsplit(url)
         found |= {parts.password or ""}
-        found |= {v for k, v in parse_qsl(parts.query) if k.lower() in _SECRET_PARAMS}
+        found |= {v for k, v in parse_qsl(parts.query) if k.lower() in SECRET_PARAMS}
         # userinfo as written, up to the last "@" (urlsplit stops at a raw "/" in it)
         userinfo = url.partition("://")[2].rpartition("@")[0]
         found |= {userinfo.partition(":")[2]}

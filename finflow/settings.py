@@ -79,7 +79,9 @@ def _read(env: Mapping[str, str], name: str, default: str, parse: Callable[[str]
         raise ConfigError(f"{name}={masked(text)!r} is invalid: {exc}") from None
 
 
-_SECRET_PARAM = re.compile(r"(?i)([?&][^=&#]*(?:pass|secret|token|key)[^=&#]*=)[^&#]*")
+#: Connection-string parameters that carry credentials (libpq and redis-py spellings).
+SECRET_PARAMS = ("password", "passfile", "sslpassword", "token", "secret")
+_SECRET_PARAM = re.compile(rf"(?i)([?&][^=&#]*(?:{'|'.join(SECRET_PARAMS)})[^=&#]*=)[^&#]*")
 
 
 def masked(text: str) -> str:
