@@ -27,15 +27,15 @@ def ensure_data_dir(data_dir: str) -> Path:
     one-line :class:`ConfigError` naming the variable otherwise (a path through a file, a
     read-only or full file system), before the worker contacts the broker: Faust would fail
     later, with a traceback, opening its first table."""
+    if not data_dir:
+        raise ConfigError("FINFLOW_DATA_DIR='' is invalid: it is empty")
     path = Path(data_dir)
     try:
-        if not data_dir:
-            raise ValueError("it is empty")
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
-    except (OSError, ValueError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
         raise ConfigError(f"FINFLOW_DATA_DIR={data_dir!r} is invalid: {reason}") from None
     return path
 
