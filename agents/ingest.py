@@ -198,10 +198,14 @@ async def publish_alerts(alerts: list[Alert]) -> None:
     A crash after this replays the batch and re-sends the same ``alert_id``s (de-duplicated
     downstream); a crash before it loses nothing, because nothing of the batch was stored.
     """
+    producer = app.producer._ensure_producer()  # type: ignore[attr-defined]
+    # The key's partition among the topic's own partitions, as Kafka's default partitioner
+    # picks it: ``alerts`` is not co-partitioned and may have been created with another count.
+    partitions = len(await producer.partitions_for(ALERTS))
     by_partition: dict[int, list[tuple[bytes | None, bytes]]] = {}
     for a in alerts:
         key = a.account_id.encode()
-        partition = key_partition(key, settings.topic_partitions)
+        partition = key_partition(key, partitions)
         by_partition.setdefault(partition, []).append((key, a.encode()))
         metrics.ALERTS.labels(a.rule).inc()
     if EXACTLY_ONCE:
@@ -209,7 +213,6 @@ async def publish_alerts(alerts: list[Alert]) -> None:
             for record_key, value in records:
                 alerts_topic.send_soon(key=record_key, value=value, partition=partition)
         return
-    producer = app.producer._ensure_producer()  # type: ignore[attr-defined]
     await asyncio.gather(
         *(send_batches(producer, ALERTS, p, records) for p, records in by_partition.items())
     )

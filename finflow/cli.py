@@ -219,7 +219,10 @@ def _bootstrap() -> str:
 def run_loadgen(args: argparse.Namespace) -> int:
     import time
 
+    from finflow import preflight
     from finflow.loadgen import Spec, produce
+    from finflow.preflight import RETENTION, TopicSpec, bootstrap_of
+    from finflow.settings import from_env
 
     start = args.start if args.start is not None else int(time.time() * 1000)
     spec = Spec(
@@ -233,7 +236,11 @@ def run_loadgen(args: argparse.Namespace) -> int:
         disorder_ms=args.disorder,
         keyless_ratio=args.keyless_ratio,
     )
-    counts = asyncio.run(produce(_bootstrap(), args.topic, spec))
+    conf = from_env()
+    # Created as the worker would create it: left to the broker, the first send creates it
+    # with the broker's default partition count, which a worker then refuses.
+    asyncio.run(preflight.prepare_topics(conf, [TopicSpec(args.topic, RETENTION, False)]))
+    counts = asyncio.run(produce(bootstrap_of(conf), args.topic, spec))
     print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     return 0
 
@@ -294,7 +301,9 @@ def run_worker(args: argparse.Namespace) -> int:
         settings.broker_flavor == "auto" and asyncio.run(broker_is_tansu(_bootstrap()))
     ):
         tansu.apply()
-    asyncio.run(preflight.check_input_topic(settings, "transactions"))
+    from agents.topology import TOPICS
+
+    asyncio.run(preflight.prepare_topics(settings, TOPICS, app.conf.topic_replication_factor))
     marker = Path(settings.data_dir) / f"{settings.app_id}.running"
     if marker.exists():
         log.warning("previous worker stopped uncleanly: rebuilding tables from changelogs")

@@ -1,12 +1,15 @@
-"""Checks a worker makes before it starts: broker access (TLS, SASL), the input topic."""
+"""Checks a worker makes before it starts: broker access (TLS, SASL), then its topics (created
+when missing, with ``FINFLOW_TOPIC_PARTITIONS`` partitions)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import aiokafka.errors as kafka_errors
 from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import create_conn
 
 from finflow import kafka_security
@@ -79,17 +82,84 @@ async def existing_partitions(
     return None if partitions is None else len(partitions)
 
 
-async def check_input_topic(conf: Settings, topic: str) -> None:
-    """Broker access first (:func:`check_broker_access`), then the input topic's layout.
+#: Retention of the topics FinFlow creates. Set explicitly: tansu's DescribeConfigs answers
+#: only what was set, and tools that read it fail on a topic without it.
+RETENTION = {"retention.ms": str(7 * 86_400_000), "retention.bytes": "-1"}
 
-    An existing input topic must have ``FINFLOW_TOPIC_PARTITIONS`` partitions: tables, the
-    by-account topic and HTTP routing all place an account by its key's partition among
-    ``FINFLOW_TOPIC_PARTITIONS``; a different count would split or misroute accounts.
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """A topic the worker reads or writes, created at start when it is missing."""
+
+    name: str
+    config: Mapping[str, str]
+    #: Records are placed by their account's partition among ``FINFLOW_TOPIC_PARTITIONS``
+    #: (the accounts table's layout), so the topic must have exactly that many.
+    co_partitioned: bool = True
+
+
+#: CreateTopics error code of a topic another client created first.
+_TOPIC_EXISTS = 36
+
+
+async def prepare_topics(conf: Settings, topics: Sequence[TopicSpec], replication: int = 1) -> None:
+    """Broker access first (:func:`check_broker_access`), then the topics' layout.
+
+    A missing topic is created with ``FINFLOW_TOPIC_PARTITIONS`` partitions and its config:
+    left to the broker, the first metadata request or send creates it with the broker's
+    default count (tansu: 4, Kafka: ``num.partitions``, 1 unless set), and a record re-keyed
+    to its account's partition of the by-account topic then names a partition that does not
+    exist. An existing co-partitioned topic must have ``FINFLOW_TOPIC_PARTITIONS``
+    partitions: tables, the by-account topic and HTTP routing all place an account by its
+    key's partition among them, so another count would split or misroute accounts.
     """
     await check_broker_access(conf)
-    found = await existing_partitions(bootstrap_of(conf), topic, conf.broker_security)
-    if found is not None and found != conf.topic_partitions:
-        raise ConfigError(
-            f"FINFLOW_TOPIC_PARTITIONS={conf.topic_partitions} but topic {topic!r} has {found}"
-            f" partitions; set FINFLOW_TOPIC_PARTITIONS={found}"
+    bootstrap = bootstrap_of(conf)
+    async with metadata_client(bootstrap, conf.broker_security) as consumer:
+        found = {t.name: await partitions_of(consumer, t.name) for t in topics}
+    missing = [t for t in topics if found[t.name] is None]
+    if missing:
+        raced = await _create(bootstrap, conf, missing, replication)
+        for topic in missing:
+            found[topic.name] = None if topic.name in raced else set(range(conf.topic_partitions))
+        if raced:  # created by another worker starting at the same time: read its count
+            async with metadata_client(bootstrap, conf.broker_security) as consumer:
+                for name in raced:
+                    found[name] = await partitions_of(consumer, name)
+    for topic in topics:
+        count = len(found[topic.name] or ())
+        if topic.co_partitioned and count != conf.topic_partitions:
+            raise ConfigError(
+                f"FINFLOW_TOPIC_PARTITIONS={conf.topic_partitions} but topic {topic.name!r}"
+                f" has {count} partitions; set FINFLOW_TOPIC_PARTITIONS={count}"
+            )
+
+
+async def _create(
+    bootstrap: str, conf: Settings, topics: Sequence[TopicSpec], replication: int
+) -> set[str]:
+    """Create ``topics``; the names another client created first."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, **kafka_security.client_kwargs(conf.broker_security)
+    )
+    await admin.start()
+    try:
+        response = await admin.create_topics(
+            [
+                NewTopic(t.name, conf.topic_partitions, replication, topic_configs=dict(t.config))
+                for t in topics
+            ]
         )
+    finally:
+        await admin.close()
+    raced: set[str] = set()
+    for name, code, *_ in response.topic_errors:
+        if code == _TOPIC_EXISTS:
+            raced.add(name)
+        elif code != 0:
+            error = kafka_errors.for_code(code).__name__
+            raise ConfigError(
+                f"FINFLOW_BROKER_URL: topic {name!r} could not be created ({error}); create it"
+                f" with {conf.topic_partitions} partitions (FINFLOW_TOPIC_PARTITIONS)"
+            )
+    return raced

@@ -10,14 +10,17 @@ from pathlib import Path
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from agents.processor import key_partition
 from finflow import devbroker
 from finflow.cli import broker_is_tansu
 from finflow.errors import ConfigError
 from finflow.loadgen import Record, Spec, generate
+from finflow.preflight import metadata_client, partitions_of
 from tests.integration.checks import wait_counted
 from tests.integration.harness import (
     FINFLOW,
     Worker,
+    consume_all,
     free_port,
     new_app_id,
     own_broker,
@@ -52,6 +55,57 @@ async def test_input_topic_with_other_partition_count_fails_at_start(tmp_path: P
     line = done.stderr.strip().splitlines()[-1]
     assert "FINFLOW_TOPIC_PARTITIONS=4" in line
     assert "has 3 partitions" in line
+
+
+async def test_a_worker_on_a_fresh_broker_creates_its_topics(tmp_path: Path) -> None:
+    """Nothing created beforehand but ``alerts`` (by its consumers, with a count of their
+    own), and a partition count other than the broker's default (tansu: 4). The broker's
+    auto-created topics once had 4 partitions, and the worker crashed on the first record it
+    re-keyed to partition 4-7 of the by-account topic (``Unrecognized partition``)."""
+    partitions = 8
+    spec = Spec(
+        count=2_000,
+        accounts=40,
+        seed=11,
+        start_ms=int(time.time() * 1000) - 120_000,
+        rate=400.0,
+        bad_ratio=0.04,
+        dup_ratio=0.04,
+        disorder_ms=60_000,
+        keyless_ratio=0.1,
+    )
+    records = list(generate(spec))
+    ref = Reference.of(records)
+    with own_broker(tmp_path) as bootstrap:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic("alerts", 3, 1)])
+        finally:
+            await admin.close()
+        app_id = new_app_id()
+        worker = Worker(bootstrap, tmp_path, "w", app_id, partitions=partitions).start()
+        try:
+            await worker.wait_ready()
+            await produce(bootstrap, records)
+            await wait_counted([worker.url], ref)
+            alerts = await consume_all(bootstrap, "alerts", expected=1_000_000, timeout=5)
+            by_account = f"{app_id}-transactions-by-account"
+            async with metadata_client(bootstrap) as consumer:
+                counts = {
+                    topic: len(await partitions_of(consumer, topic) or ())
+                    for topic in ("transactions", by_account, "transactions-dlq", "alerts")
+                }
+        finally:
+            worker.stop()
+    assert counts == {
+        "transactions": partitions,
+        by_account: partitions,
+        "transactions-dlq": partitions,
+        "alerts": 3,  # left as its owners made it; alerts are placed by key among its 3
+    }
+    assert alerts, "no alert was raised"
+    assert all(a.partition == key_partition(a.key, 3) for a in alerts)
 
 
 async def test_bad_value_names_the_variable(tmp_path: Path) -> None:
