@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -106,6 +107,28 @@ async def test_a_worker_on_a_fresh_broker_creates_its_topics(tmp_path: Path) -> 
     }
     assert alerts, "no alert was raised"
     assert all(a.partition == key_partition(a.key, 3) for a in alerts)
+
+
+async def test_loadgen_on_a_fresh_broker_creates_the_topic_with_the_worker_count(
+    tmp_path: Path,
+) -> None:
+    """The load generator started before any worker: its first send used to create
+    ``transactions`` at the broker's default count (tansu: 4), which a worker then refused."""
+    with own_broker(tmp_path) as bootstrap:
+        args = ["--rate", "200", "--duration", "0.5", "--accounts", "3", "--seed", "5"]
+        env = {**os.environ, "FINFLOW_BROKER_URL": bootstrap, "FINFLOW_TOPIC_PARTITIONS": "6"}
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [FINFLOW, "loadgen", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        async with metadata_client(bootstrap) as consumer:
+            assert await partitions_of(consumer, "transactions") == set(range(6))
 
 
 async def test_bad_value_names_the_variable(tmp_path: Path) -> None:
