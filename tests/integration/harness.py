@@ -148,8 +148,15 @@ def new_app_id() -> str:
     return f"it-{uuid.uuid4().hex[:8]}"
 
 
-async def produce(bootstrap: str, records: list[Record], topic: str = "transactions") -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
+async def produce(
+    bootstrap: str,
+    records: list[Record],
+    topic: str = "transactions",
+    compression: str | None = None,
+) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=5, acks="all", compression_type=compression
+    )
     await producer.start()
     try:
         for rec in records:

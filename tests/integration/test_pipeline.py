@@ -276,6 +276,25 @@ async def test_extreme_valid_input_neither_stops_nor_stalls_the_worker(tmp_path:
             worker.stop()
 
 
+async def test_batches_compressed_by_upstream_producers_are_read(tmp_path: Path) -> None:
+    """Upstream producers compress their batches (librdkafka, the Java and Go clients: lz4,
+    snappy, zstd, gzip). Without the codecs' library the first lz4 batch stopped the worker,
+    and every worker that took the partition over after it."""
+    records = list(generate(stream(2_000, 40, seed=17)))
+    ref = Reference.of(records)
+    codecs = ("gzip", "snappy", "lz4", "zstd")
+    with own_broker(tmp_path) as bootstrap:
+        worker = Worker(bootstrap, tmp_path, "w0", new_app_id()).start()
+        try:
+            await worker.wait_ready()
+            for index, codec in enumerate(codecs):
+                await produce(bootstrap, records[index :: len(codecs)], compression=codec)
+            await wait_counted([worker.url], ref, timeout=90)
+            assert worker.running
+        finally:
+            worker.stop()
+
+
 async def wait_until(worker: Worker, done: Callable[[], Awaitable[bool]], timeout: float) -> None:
     """Poll ``done`` until it holds; fail at once (with the log) if the worker exits."""
     deadline = time.monotonic() + timeout
