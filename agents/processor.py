@@ -52,10 +52,14 @@ class MessageLike(Protocol):
 
 
 def sent_at_s(headers: Any, timestamp: float) -> float:
-    """Send time from the load generator's ``finflow.sent_at`` header, else the record's."""
+    """Send time from the load generator's ``finflow.sent_at`` header, else the record's
+    (also when another producer's header of that name is not epoch milliseconds)."""
     for name, value in headers or ():
         if name == "finflow.sent_at":
-            return int(value) / 1000
+            try:
+                return int(value) / 1000
+            except (TypeError, ValueError):
+                break
     return timestamp
 
 

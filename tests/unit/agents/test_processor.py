@@ -183,3 +183,16 @@ def test_a_batch_longer_than_a_chunk_applies_as_one() -> None:
         assert {s.version for s in final} == {module.CHUNK}
     proc.commit(batch)
     assert [stored_count(table, a) for a in accounts] == [module.CHUNK] * 3
+
+
+def test_a_bad_send_time_header_is_ignored_not_fatal() -> None:
+    """``finflow.sent_at`` is the load generator's header; any producer may send a header of
+    that name. A value that is not epoch milliseconds raised and stopped the worker on the
+    record, at every restart; the record's own timestamp is the send time then."""
+    good, garbage, empty = record(0, "t0"), record(1, "t1"), record(2, "t2")
+    good.headers = [("finflow.sent_at", b"1767225599000")]
+    garbage.headers = [("trace", None), ("finflow.sent_at", b"not-a-number")]
+    empty.headers = [("finflow.sent_at", None)]
+    batch = processor(DictTable()).process([good, garbage, empty], now_ms=NOW)
+    assert batch.result.accepted == 3
+    assert batch.result.sent_s == [1_767_225_599.0, NOW / 1000, NOW / 1000]
