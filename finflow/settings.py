@@ -47,16 +47,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
+#: The port of a broker address without one, as in Faust's ``kafka://localhost`` and Kafka's
+#: own clients.
+KAFKA_PORT = 9092
+
+
 def _broker_urls(text: str) -> tuple[str, ...]:
     urls = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
         url = part if "://" in part else f"kafka://{part}"
-        match = re.fullmatch(r"kafka://[^\s/:]+:(\d{1,5})", url)
-        if match is None or not 1 <= int(match.group(1)) <= 65535:
-            raise ValueError(f"not a kafka://host:port address: {part!r}")
-        urls.append(url)
+        match = re.fullmatch(r"(kafka://[^\s/:]+)(?::(\d{1,5}))?", url)
+        if match is None or not 1 <= int(match.group(2) or KAFKA_PORT) <= 65535:
+            raise ValueError(f"not a kafka://host[:port] address: {part!r}")
+        urls.append(f"{match.group(1)}:{match.group(2) or KAFKA_PORT}")
     if not urls:
         raise ValueError("no broker address")
     return tuple(urls)
