@@ -32,10 +32,20 @@ from tables.store import send_batches
 SOURCE_HEADERS = ("finflow.source.topic", "finflow.source.partition", "finflow.source.offset")
 
 
-def _headers(msg: MessageLike) -> dict[str, bytes]:
+ORIGINAL_KEY = "finflow.original.key"  # a re-keyed record's key as received, if it had one
+ERROR_HEADERS = ("finflow.error.reason", "finflow.error.message")
+#: Headers a dead letter gets from FinFlow: a record's own header of one of these names (or
+#: the re-keying's internal one) is replaced, not repeated.
+_DEAD_LETTER_SET = frozenset((*SOURCE_HEADERS, *ERROR_HEADERS, ORIGINAL_KEY))
+
+
+def _pairs(msg: MessageLike) -> list[tuple[str, bytes]]:
     raw = msg.headers or []
-    pairs = raw.items() if isinstance(raw, dict) else raw
-    return {k: v for k, v in pairs}
+    return list(raw.items() if isinstance(raw, dict) else raw)
+
+
+def _headers(msg: MessageLike) -> dict[str, bytes]:
+    return dict(_pairs(msg))
 
 
 def _source(msg: MessageLike) -> dict[str, bytes]:
@@ -52,18 +62,21 @@ def _source(msg: MessageLike) -> dict[str, bytes]:
 
 
 def dead_letter(msg: MessageLike, error: ValidationError) -> None:
-    """Send the original bytes, unchanged, to the dead-letter topic with the reason."""
-    headers = {
-        **_source(msg),
-        "finflow.error.reason": error.reason.value.encode(),
-        "finflow.error.message": error.message.encode(),
-    }
+    """Send the original bytes, unchanged, to the dead-letter topic with the reason; the
+    record's own headers (trace ids, schema ids: what a reprocessing needs) are kept."""
+    pairs = _pairs(msg)
+    headers = [(k, v) for k, v in pairs if k not in _DEAD_LETTER_SET]
+    headers += _source(msg).items()
+    headers += [
+        ("finflow.error.reason", error.reason.value.encode()),
+        ("finflow.error.message", error.message.encode()),
+    ]
     # A re-keyed record carries its original key in a header, absent when it had none.
-    key = _headers(msg).get("finflow.original.key") if msg.topic == BY_ACCOUNT else msg.key
+    key = dict(pairs).get(ORIGINAL_KEY) if msg.topic == BY_ACCOUNT else msg.key
     dlq_topic.send_soon(
         key=key,
         value=msg.value,
-        headers=list(headers.items()),
+        headers=headers,
         key_serializer="raw",
         value_serializer="raw",
     )
@@ -73,7 +86,7 @@ def forward(msg: MessageLike, key: bytes, partition: int) -> None:
     """Re-key a record to its account's partition of the by-account topic."""
     headers = {**_headers(msg), **_source(msg)}
     if msg.key is not None:
-        headers["finflow.original.key"] = msg.key
+        headers[ORIGINAL_KEY] = msg.key
     by_account_topic.send_soon(
         key=key,
         value=msg.value,
