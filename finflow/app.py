@@ -39,6 +39,7 @@ def create_app(conf: settings_module.Settings) -> faust.App:
         web_bind=conf.web_host,
         canonical_url=conf.web_url,
         topic_partitions=conf.topic_partitions,
+        topic_replication_factor=conf.topic_replication,
         topic_allow_declare=True,
         topic_disable_leader=True,
         processing_guarantee=conf.processing_guarantee,

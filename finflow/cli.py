@@ -303,7 +303,7 @@ def run_worker(args: argparse.Namespace) -> int:
         tansu.apply()
     from agents.topology import TOPICS
 
-    asyncio.run(preflight.prepare_topics(settings, TOPICS, app.conf.topic_replication_factor))
+    asyncio.run(preflight.prepare_topics(settings, TOPICS))
     marker = Path(settings.data_dir) / f"{settings.app_id}.running"
     if marker.exists():
         log.warning("previous worker stopped uncleanly: rebuilding tables from changelogs")

@@ -102,16 +102,18 @@ class TopicSpec:
 _TOPIC_EXISTS = 36
 
 
-async def prepare_topics(conf: Settings, topics: Sequence[TopicSpec], replication: int = 1) -> None:
+async def prepare_topics(conf: Settings, topics: Sequence[TopicSpec]) -> None:
     """Broker access first (:func:`check_broker_access`), then the topics' layout.
 
-    A missing topic is created with ``FINFLOW_TOPIC_PARTITIONS`` partitions and its config:
-    left to the broker, the first metadata request or send creates it with the broker's
-    default count (tansu: 4, Kafka: ``num.partitions``, 1 unless set), and a record re-keyed
-    to its account's partition of the by-account topic then names a partition that does not
-    exist. An existing co-partitioned topic must have ``FINFLOW_TOPIC_PARTITIONS``
-    partitions: tables, the by-account topic and HTTP routing all place an account by its
-    key's partition among them, so another count would split or misroute accounts.
+    A missing topic is created with ``FINFLOW_TOPIC_PARTITIONS`` partitions,
+    ``FINFLOW_TOPIC_REPLICATION`` replicas and its config. Left to the broker, the first
+    metadata request or send creates it with the broker's default count (tansu: 4, Kafka:
+    ``num.partitions``, 1 unless set), and a record re-keyed to its account's partition of
+    the by-account topic then names a partition that does not exist.
+
+    An existing co-partitioned topic must have ``FINFLOW_TOPIC_PARTITIONS`` partitions:
+    tables, the by-account topic and HTTP routing all place an account by its key's
+    partition among them, so another count would split or misroute accounts.
     """
     await check_broker_access(conf)
     bootstrap = bootstrap_of(conf)
@@ -119,7 +121,7 @@ async def prepare_topics(conf: Settings, topics: Sequence[TopicSpec], replicatio
         found = {t.name: await partitions_of(consumer, t.name) for t in topics}
     missing = [t for t in topics if found[t.name] is None]
     if missing:
-        raced = await _create(bootstrap, conf, missing, replication)
+        raced = await _create(bootstrap, conf, missing)
         for topic in missing:
             found[topic.name] = None if topic.name in raced else set(range(conf.topic_partitions))
         if raced:  # created by another worker starting at the same time: read its count
@@ -135,10 +137,9 @@ async def prepare_topics(conf: Settings, topics: Sequence[TopicSpec], replicatio
             )
 
 
-async def _create(
-    bootstrap: str, conf: Settings, topics: Sequence[TopicSpec], replication: int
-) -> set[str]:
+async def _create(bootstrap: str, conf: Settings, topics: Sequence[TopicSpec]) -> set[str]:
     """Create ``topics``; the names another client created first."""
+    partitions = conf.topic_partitions
     admin = AIOKafkaAdminClient(
         bootstrap_servers=bootstrap, **kafka_security.client_kwargs(conf.broker_security)
     )
@@ -146,7 +147,7 @@ async def _create(
     try:
         response = await admin.create_topics(
             [
-                NewTopic(t.name, conf.topic_partitions, replication, topic_configs=dict(t.config))
+                NewTopic(t.name, partitions, conf.topic_replication, topic_configs=dict(t.config))
                 for t in topics
             ]
         )
@@ -160,6 +161,7 @@ async def _create(
             error = kafka_errors.for_code(code).__name__
             raise ConfigError(
                 f"FINFLOW_BROKER_URL: topic {name!r} could not be created ({error}); create it"
-                f" with {conf.topic_partitions} partitions (FINFLOW_TOPIC_PARTITIONS)"
+                f" with {partitions} partitions (FINFLOW_TOPIC_PARTITIONS) and"
+                f" {conf.topic_replication} replicas (FINFLOW_TOPIC_REPLICATION)"
             )
     return raced

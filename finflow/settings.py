@@ -141,6 +141,9 @@ class Settings:
     advertised_url: str = ""
     data_dir: str = "./var/finflow"
     topic_partitions: int = 8
+    #: Replicas of each topic the app creates (changelogs included): 3 on a production
+    #: cluster, so that losing a broker loses no table state.
+    topic_replication: int = 1
     api_tokens: tuple[str, ...] = ()
     processing_guarantee: str = "at_least_once"
     batch_size: int = 5000
@@ -202,6 +205,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         advertised_url=_read(env, "FINFLOW_ADVERTISED_URL", d.advertised_url, _advertised_url),
         data_dir=env.get("FINFLOW_DATA_DIR", d.data_dir),
         topic_partitions=_read(env, "FINFLOW_TOPIC_PARTITIONS", "8", _positive_int),
+        topic_replication=_read(env, "FINFLOW_TOPIC_REPLICATION", "1", _positive_int),
         api_tokens=_read(env, "FINFLOW_API_TOKENS", "", _tokens),
         processing_guarantee=_read(
             env, "FINFLOW_PROCESSING_GUARANTEE", d.processing_guarantee, _choice(GUARANTEES)

@@ -421,6 +421,7 @@ def test_the_app_accepts_the_rendered_settings(
             for container in containers(doc):
                 settings = from_env(pod_env(doc, container, values, tmp_path))
                 assert settings.topic_partitions == values["kafka"]["partitions"]
+                assert settings.topic_replication == values["kafka"]["replication"]
                 assert settings.broker_security.protocol == values["kafka"]["securityProtocol"]
                 if doc["kind"] == "StatefulSet":
                     assert settings.web_url.startswith(f"http://{doc['metadata']['name']}-0.")

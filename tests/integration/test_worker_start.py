@@ -60,7 +60,8 @@ async def test_input_topic_with_other_partition_count_fails_at_start(tmp_path: P
 
 async def test_a_worker_on_a_fresh_broker_creates_its_topics(tmp_path: Path) -> None:
     """Nothing created beforehand but ``alerts`` (by its consumers, with a count of their
-    own), and a partition count other than the broker's default (tansu: 4). The broker's
+    own), and a partition count other than the broker's default (tansu: 4); the topics the
+    worker creates (changelog included) have ``FINFLOW_TOPIC_REPLICATION`` replicas. The broker's
     auto-created topics once had 4 partitions, and the worker crashed on the first record it
     re-keyed to partition 4-7 of the by-account topic (``Unrecognized partition``)."""
     partitions = 8
@@ -85,7 +86,9 @@ async def test_a_worker_on_a_fresh_broker_creates_its_topics(tmp_path: Path) -> 
         finally:
             await admin.close()
         app_id = new_app_id()
-        worker = Worker(bootstrap, tmp_path, "w", app_id, partitions=partitions).start()
+        worker = Worker(
+            bootstrap, tmp_path, "w", app_id, partitions=partitions, FINFLOW_TOPIC_REPLICATION="3"
+        ).start()
         try:
             await worker.wait_ready()
             await produce(bootstrap, records)
@@ -97,8 +100,22 @@ async def test_a_worker_on_a_fresh_broker_creates_its_topics(tmp_path: Path) -> 
                     topic: len(await partitions_of(consumer, topic) or ())
                     for topic in ("transactions", by_account, "transactions-dlq", "alerts")
                 }
+            created = [
+                "transactions",
+                by_account,
+                "transactions-dlq",
+                f"{app_id}-accounts-changelog",
+            ]
+            admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+            await admin.start()
+            try:
+                described = await admin.describe_topics(created)
+            finally:
+                await admin.close()
         finally:
             worker.stop()
+    replicas = {d["topic"]: {len(p["replicas"]) for p in d["partitions"]} for d in described}
+    assert replicas == {topic: {3} for topic in created}  # FINFLOW_TOPIC_REPLICATION
     assert counts == {
         "transactions": partitions,
         by_account: partitions,

@@ -79,6 +79,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   value: {{ .Values.kafka.flavor | quote }}
 - name: FINFLOW_TOPIC_PARTITIONS
   value: {{ .Values.kafka.partitions | quote }}
+- name: FINFLOW_TOPIC_REPLICATION
+  value: {{ .Values.kafka.replication | quote }}
 - name: FINFLOW_WEB_PORT
   value: {{ .Values.service.port | quote }}
 - name: FINFLOW_DATA_DIR

@@ -19,6 +19,7 @@ def test_contract_defaults() -> None:
     assert settings.web_port == 6066
     assert settings.data_dir == "./var/finflow"
     assert settings.topic_partitions == 8
+    assert settings.topic_replication == 1
     assert settings.api_tokens == ()
     assert settings.retention.dedup_ms == 24 * 3_600_000
 
@@ -49,6 +50,7 @@ def test_values_are_read() -> None:
             "FINFLOW_WEB_PORT": "8080",
             "FINFLOW_DATA_DIR": "/data/finflow",
             "FINFLOW_TOPIC_PARTITIONS": "32",
+            "FINFLOW_TOPIC_REPLICATION": "3",
             "FINFLOW_API_TOKENS": "alpha, beta,,",
         }
     )
@@ -58,6 +60,7 @@ def test_values_are_read() -> None:
     assert settings.web_port == 8080
     assert settings.data_dir == "/data/finflow"
     assert settings.topic_partitions == 32
+    assert settings.topic_replication == 3
     assert settings.api_tokens == ("alpha", "beta")
 
 
@@ -72,6 +75,7 @@ def test_values_are_read() -> None:
         ("FINFLOW_TOPIC_PARTITIONS", "0"),
         ("FINFLOW_TOPIC_PARTITIONS", "-1"),
         ("FINFLOW_TOPIC_PARTITIONS", "eight"),
+        ("FINFLOW_TOPIC_REPLICATION", "0"),
         ("FINFLOW_BROKER_URL", ""),
         ("FINFLOW_BROKER_URL", " , "),
         ("FINFLOW_BROKER_URL", "http://k1:9092"),
