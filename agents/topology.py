@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from agents.batching import BatchTopic
 from finflow.app import MAX_RECORD_BYTES, app, settings
-from finflow.preflight import RETENTION, TopicSpec
+from finflow.preflight import RETENTION, TopicSpec, durability
 from tables.store import PartitionedTable
 
 TRANSACTIONS = "transactions"
@@ -25,19 +25,20 @@ ROCKSDB_MEMORY = {
 }
 #: The records FinFlow writes can exceed Kafka's 1 MB default (``finflow.app.MAX_RECORD_BYTES``).
 _LARGE = {"max.message.bytes": str(MAX_RECORD_BYTES)}
+_KEPT = RETENTION | durability(settings.topic_replication)
 
 #: Every topic the worker reads or writes, created at start when missing (``finflow worker``).
 #: The DLQ and alerts are placed by the producer over whatever partitions they have.
 TOPICS = (
-    TopicSpec(TRANSACTIONS, RETENTION),
-    TopicSpec(BY_ACCOUNT, RETENTION | _LARGE),
-    TopicSpec(DLQ, RETENTION | _LARGE, co_partitioned=False),
-    TopicSpec(ALERTS, RETENTION, co_partitioned=False),
+    TopicSpec(TRANSACTIONS, _KEPT),
+    TopicSpec(BY_ACCOUNT, _KEPT | _LARGE),
+    TopicSpec(DLQ, _KEPT | _LARGE, co_partitioned=False),
+    TopicSpec(ALERTS, _KEPT, co_partitioned=False),
 )
 
-transactions_topic = app.topic(TRANSACTIONS, partitions=settings.topic_partitions, config=RETENTION)
+transactions_topic = app.topic(TRANSACTIONS, partitions=settings.topic_partitions, config=_KEPT)
 by_account_topic = app.topic(
-    BY_ACCOUNT, partitions=settings.topic_partitions, internal=True, config=RETENTION | _LARGE
+    BY_ACCOUNT, partitions=settings.topic_partitions, internal=True, config=_KEPT | _LARGE
 )
 # The agent reads both: records keyed by their account are processed where they land,
 # the rest are first re-keyed to the by-account topic (co-partitioning, as group_by does).
@@ -48,8 +49,8 @@ ingest_topic = BatchTopic(
     maxsize=4 * settings.batch_size,
 )
 app.topics.add(ingest_topic)  # subscribed (and co-partitioned) like an agent's topic
-dlq_topic = app.topic(DLQ, partitions=settings.topic_partitions, config=RETENTION | _LARGE)
-alerts_topic = app.topic(ALERTS, partitions=settings.topic_partitions, config=RETENTION)
+dlq_topic = app.topic(DLQ, partitions=settings.topic_partitions, config=_KEPT | _LARGE)
+alerts_topic = app.topic(ALERTS, partitions=settings.topic_partitions, config=_KEPT)
 
 accounts = PartitionedTable(
     app,
@@ -58,7 +59,9 @@ accounts = PartitionedTable(
     partitions=settings.topic_partitions,
     key_type=bytes,  # raw bytes keys: the changelog partition matches the message key's
     value_type=bytes,
-    extra_topic_configs={"retention.ms": "-1", "retention.bytes": "-1"} | _LARGE,
+    extra_topic_configs={"retention.ms": "-1", "retention.bytes": "-1"}
+    | _LARGE
+    | durability(settings.topic_replication),
     help="Per-account windows, profile and de-duplication state (tables.state).",
     options=ROCKSDB_MEMORY,
 )

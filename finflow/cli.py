@@ -221,7 +221,7 @@ def run_loadgen(args: argparse.Namespace) -> int:
 
     from finflow import preflight
     from finflow.loadgen import Spec, produce
-    from finflow.preflight import RETENTION, TopicSpec, bootstrap_of
+    from finflow.preflight import RETENTION, TopicSpec, bootstrap_of, durability
     from finflow.settings import from_env
 
     start = args.start if args.start is not None else int(time.time() * 1000)
@@ -239,7 +239,8 @@ def run_loadgen(args: argparse.Namespace) -> int:
     conf = from_env()
     # Created as the worker would create it: left to the broker, the first send creates it
     # with the broker's default partition count, which a worker then refuses.
-    asyncio.run(preflight.prepare_topics(conf, [TopicSpec(args.topic, RETENTION, False)]))
+    kept = RETENTION | durability(conf.topic_replication)
+    asyncio.run(preflight.prepare_topics(conf, [TopicSpec(args.topic, kept, False)]))
     counts = asyncio.run(produce(bootstrap_of(conf), args.topic, spec))
     print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     return 0

@@ -87,6 +87,12 @@ async def existing_partitions(
 RETENTION = {"retention.ms": str(7 * 86_400_000), "retention.bytes": "-1"}
 
 
+def durability(replication: int) -> dict[str, str]:
+    """Config that makes an acknowledged write (producers send with ``acks=all``) survive the
+    loss of a broker: it is on two replicas before the ack, with 3 or more replicas."""
+    return {"min.insync.replicas": str(max(1, min(2, replication - 1)))}
+
+
 @dataclass(frozen=True, slots=True)
 class TopicSpec:
     """A topic the worker reads or writes, created at start when it is missing."""

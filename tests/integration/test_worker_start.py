@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from agents.processor import key_partition
 from finflow import devbroker
@@ -110,12 +111,21 @@ async def test_a_worker_on_a_fresh_broker_creates_its_topics(tmp_path: Path) -> 
             await admin.start()
             try:
                 described = await admin.describe_topics(created)
+                configs = await admin.describe_configs(
+                    [ConfigResource(ConfigResourceType.TOPIC, topic) for topic in created]
+                )
             finally:
                 await admin.close()
         finally:
             worker.stop()
     replicas = {d["topic"]: {len(p["replicas"]) for p in d["partitions"]} for d in described}
     assert replicas == {topic: {3} for topic in created}  # FINFLOW_TOPIC_REPLICATION
+    min_isr = {
+        topic: {entry[0]: entry[1] for entry in entries}.get("min.insync.replicas")
+        for response in configs
+        for _, _, _, topic, entries in response.resources
+    }
+    assert min_isr == {topic: "2" for topic in created}  # an ack survives a broker's loss
     assert counts == {
         "transactions": partitions,
         by_account: partitions,
