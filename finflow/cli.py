@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import shutil
 import sys
 from datetime import UTC, datetime
@@ -160,9 +161,12 @@ def run_audit(args: argparse.Namespace) -> int:
 
 def run_api(args: argparse.Namespace) -> int:
     """Serve the read-only API until SIGINT or SIGTERM."""
-    from finflow import api
+    from finflow import api, preflight
     from finflow.settings import from_env
 
+    # Accounts are looked up by partition: the same count as the workers (which take the
+    # input topic's when the variable is unset). A broker out of reach keeps the default.
+    asyncio.run(preflight.adopt_input_partitions(os.environ, timeout_s=10))
     api.run(from_env(), port=args.port)
     return 0
 
@@ -170,7 +174,6 @@ def run_api(args: argparse.Namespace) -> int:
 def run_replay(args: argparse.Namespace) -> int:
     """Run rules (current or ``--rules``) over stored transactions and report what fires."""
     import json
-    import os
     from datetime import UTC, datetime
 
     import psycopg
@@ -295,14 +298,17 @@ def run_worker(args: argparse.Namespace) -> int:
 
     gcpolicy.limit_malloc_arenas()  # before any thread (DNS executor, consumer, RocksDB) starts
     from finflow import local_state
-    from finflow.app import app, settings
+    from finflow.settings import from_env
 
-    local_state.ensure_data_dir(settings.data_dir)  # before the broker: it may take a minute
-    if settings.broker_flavor == "tansu" or (
-        settings.broker_flavor == "auto" and asyncio.run(broker_is_tansu(_bootstrap()))
+    conf = from_env()
+    local_state.ensure_data_dir(conf.data_dir)  # before the broker: it may take a minute
+    if conf.broker_flavor == "tansu" or (
+        conf.broker_flavor == "auto" and asyncio.run(broker_is_tansu(_bootstrap()))
     ):
         tansu.apply()
+    asyncio.run(preflight.adopt_input_partitions(os.environ))  # before the app reads it
     from agents.topology import TOPICS
+    from finflow.app import app, settings
 
     asyncio.run(preflight.prepare_topics(settings, TOPICS))
     marker = Path(settings.data_dir) / f"{settings.app_id}.running"

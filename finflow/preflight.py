@@ -3,7 +3,9 @@ when missing, with ``FINFLOW_TOPIC_PARTITIONS`` partitions)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -14,7 +16,14 @@ from aiokafka.conn import create_conn
 
 from finflow import kafka_security
 from finflow.errors import ConfigError
-from finflow.settings import BrokerSecurity, Settings
+from finflow.settings import BrokerSecurity, Settings, from_env
+
+log = logging.getLogger(__name__)
+
+#: The topic upstream systems write. Their producers may create it (a first send creates it
+#: at the broker's default partition count) before any worker runs.
+INPUT_TOPIC = "transactions"
+PARTITIONS_VAR = "FINFLOW_TOPIC_PARTITIONS"
 
 #: How long one bootstrap server gets to accept TLS and SASL (a TLS client talking to a
 #: plaintext listener waits for an answer that never comes).
@@ -80,6 +89,41 @@ async def existing_partitions(
     async with metadata_client(bootstrap, security) as consumer:
         partitions = await partitions_of(consumer, topic)
     return None if partitions is None else len(partitions)
+
+
+async def adopt_input_partitions(
+    environ: MutableMapping[str, str], timeout_s: float = 60.0
+) -> int | None:
+    """With ``FINFLOW_TOPIC_PARTITIONS`` unset, take the partition count of an existing input
+    topic: set the variable in ``environ`` (this process's), so that every part of the
+    process places accounts by the same count. Returns the count taken, None when the
+    variable is set, the topic is missing (the worker creates it) or has the default count,
+    or the broker did not answer within ``timeout_s`` (later steps report that).
+
+    Set explicitly to another count than the topic's, it stays an error at start
+    (:func:`prepare_topics`): the operator asked for something the topic cannot give.
+    """
+    if PARTITIONS_VAR in environ:
+        return None
+    conf = from_env(environ)
+    try:
+        found = await asyncio.wait_for(
+            existing_partitions(bootstrap_of(conf), INPUT_TOPIC, conf.broker_security), timeout_s
+        )
+    except (OSError, TimeoutError, kafka_errors.KafkaError) as exc:
+        log.warning("could not read the partitions of topic %r: %r", INPUT_TOPIC, exc)
+        return None
+    if found is None or found == conf.topic_partitions:
+        return None
+    environ[PARTITIONS_VAR] = str(found)
+    log.warning(
+        "%s is unset and topic %r has %d partitions: using %d",
+        PARTITIONS_VAR,
+        INPUT_TOPIC,
+        found,
+        found,
+    )
+    return found
 
 
 #: Retention of the topics FinFlow creates. Set explicitly: tansu's DescribeConfigs answers

@@ -13,7 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from agents.processor import key_partition
-from finflow import devbroker
+from finflow import devbroker, preflight
 from finflow.cli import broker_is_tansu
 from finflow.errors import ConfigError
 from finflow.loadgen import Record, Spec, generate
@@ -134,6 +134,54 @@ async def test_a_worker_on_a_fresh_broker_creates_its_topics(tmp_path: Path) -> 
     }
     assert alerts, "no alert was raised"
     assert all(a.partition == key_partition(a.key, 3) for a in alerts)
+
+
+async def test_unset_partition_count_follows_the_input_topic(tmp_path: Path) -> None:
+    """Upstream wrote first: its first send created ``transactions`` at the broker's default
+    count (tansu: 4), not the contract's default 8. With ``FINFLOW_TOPIC_PARTITIONS`` unset a
+    worker takes the topic's count (it refused to start); set, it must match (test above)."""
+    spec = Spec(count=1_500, accounts=30, seed=13, start_ms=int(time.time() * 1000) - 60_000)
+    records = list(generate(spec))
+    with own_broker(tmp_path) as bootstrap:
+        await produce(bootstrap, records)
+        async with metadata_client(bootstrap) as consumer:
+            auto_created = len(await partitions_of(consumer, "transactions") or ())
+        assert auto_created not in (0, 8)  # the broker's default, not the contract's
+        app_id = new_app_id()
+        worker = Worker(bootstrap, tmp_path, "w", app_id)
+        del worker.env["FINFLOW_TOPIC_PARTITIONS"]
+        worker.start()
+        try:
+            await worker.wait_ready()
+            await wait_counted([worker.url], Reference.of(records))
+            async with metadata_client(bootstrap) as consumer:
+                by_account = await partitions_of(consumer, f"{app_id}-transactions-by-account")
+        finally:
+            worker.stop()
+    assert by_account == set(range(auto_created))
+    assert f"topic 'transactions' has {auto_created} partitions: using" in worker.log.read_text()
+
+
+async def test_what_adopting_the_input_topics_count_reads_and_sets(tmp_path: Path) -> None:
+    """The step both ``finflow worker`` and ``finflow api`` take before reading settings."""
+    with own_broker(tmp_path) as bootstrap:
+        env = {"FINFLOW_BROKER_URL": f"kafka://{bootstrap}"}
+        assert await preflight.adopt_input_partitions(env) is None  # no topic: created later
+        assert env == {"FINFLOW_BROKER_URL": f"kafka://{bootstrap}"}
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic("transactions", 3, 1)])
+        finally:
+            await admin.close()
+        explicit = {**env, "FINFLOW_TOPIC_PARTITIONS": "8"}
+        assert await preflight.adopt_input_partitions(explicit) is None
+        assert explicit["FINFLOW_TOPIC_PARTITIONS"] == "8"  # refused later, not overridden
+        assert await preflight.adopt_input_partitions(env) == 3
+        assert env["FINFLOW_TOPIC_PARTITIONS"] == "3"
+    gone = {"FINFLOW_BROKER_URL": f"kafka://127.0.0.1:{free_port()}"}
+    assert await preflight.adopt_input_partitions(gone, timeout_s=5) is None
+    assert "FINFLOW_TOPIC_PARTITIONS" not in gone
 
 
 async def test_loadgen_on_a_fresh_broker_creates_the_topic_with_the_worker_count(
