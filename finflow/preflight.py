@@ -76,10 +76,17 @@ async def metadata_client(
 
 
 async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> set[int] | None:
-    """The partitions of ``topic`` if it exists (listing all topics never auto-creates one)."""
-    if topic not in await consumer.topics():
+    """The partitions of ``topic`` if it exists (listing all topics never auto-creates one).
+
+    Read from a fresh metadata answer: ``consumer.partitions_for_topic`` answers from the
+    metadata the consumer had, where a topic created since is listed by ``topics()`` but
+    has no partitions (a worker starting beside another that was creating the topics read
+    0 partitions and refused to start).
+    """
+    cluster = await consumer._client.fetch_all_metadata()  # what consumer.topics() reads
+    if topic not in cluster.topics():
         return None
-    return set(consumer.partitions_for_topic(topic) or ())
+    return set(cluster.partitions_for_topic(topic) or ())
 
 
 async def existing_partitions(
@@ -170,14 +177,17 @@ async def prepare_topics(conf: Settings, topics: Sequence[TopicSpec]) -> None:
     async with metadata_client(bootstrap, conf.broker_security) as consumer:
         found = {t.name: await partitions_of(consumer, t.name) for t in topics}
     missing = [t for t in topics if found[t.name] is None]
-    if missing:
-        raced = await _create(bootstrap, conf, missing)
-        for topic in missing:
-            found[topic.name] = None if topic.name in raced else set(range(conf.topic_partitions))
-        if raced:  # created by another worker starting at the same time: read its count
-            async with metadata_client(bootstrap, conf.broker_security) as consumer:
-                for name in raced:
-                    found[name] = await partitions_of(consumer, name)
+    raced = await _create(bootstrap, conf, missing) if missing else set()
+    for topic in missing:
+        if topic.name not in raced:
+            found[topic.name] = set(range(conf.topic_partitions))
+    # Created by another worker starting at the same time: listed without partitions while
+    # the broker sets them up, or not listed yet. Read the count once it is there.
+    pending = [name for name, partitions in found.items() if not partitions]
+    if pending:
+        async with metadata_client(bootstrap, conf.broker_security) as consumer:
+            for name in pending:
+                found[name] = await _when_listed(consumer, name)
     for topic in topics:
         count = len(found[topic.name] or ())
         if topic.co_partitioned and count != conf.topic_partitions:
@@ -185,6 +195,16 @@ async def prepare_topics(conf: Settings, topics: Sequence[TopicSpec]) -> None:
                 f"FINFLOW_TOPIC_PARTITIONS={conf.topic_partitions} but topic {topic.name!r}"
                 f" has {count} partitions; set FINFLOW_TOPIC_PARTITIONS={count}"
             )
+
+
+async def _when_listed(consumer: AIOKafkaConsumer, topic: str, wait_s: float = 10.0) -> set[int]:
+    """The partitions of a topic just created elsewhere, once the metadata lists them."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while not (partitions := await partitions_of(consumer, topic) or set()):
+        if asyncio.get_running_loop().time() > deadline:
+            return set()  # reported as 0 partitions
+        await asyncio.sleep(0.2)
+    return partitions
 
 
 async def _create(bootstrap: str, conf: Settings, topics: Sequence[TopicSpec]) -> set[str]:

@@ -18,6 +18,7 @@ from finflow.cli import broker_is_tansu
 from finflow.errors import ConfigError
 from finflow.loadgen import Record, Spec, generate
 from finflow.preflight import metadata_client, partitions_of
+from finflow.settings import from_env
 from tests.integration.checks import wait_counted
 from tests.integration.harness import (
     FINFLOW,
@@ -182,6 +183,35 @@ async def test_what_adopting_the_input_topics_count_reads_and_sets(tmp_path: Pat
     gone = {"FINFLOW_BROKER_URL": f"kafka://127.0.0.1:{free_port()}"}
     assert await preflight.adopt_input_partitions(gone, timeout_s=5) is None
     assert "FINFLOW_TOPIC_PARTITIONS" not in gone
+
+
+async def test_workers_starting_together_create_the_topics_once(tmp_path: Path) -> None:
+    """Pods of a new deployment start at once: each finds the topics missing and creates
+    them; the one that loses the race reads the winner's layout instead of failing."""
+    topics = [preflight.TopicSpec(f"t{i}", preflight.RETENTION) for i in range(3)]
+    with own_broker(tmp_path) as bootstrap:
+        conf = from_env({"FINFLOW_BROKER_URL": bootstrap, "FINFLOW_TOPIC_PARTITIONS": "5"})
+        await asyncio.gather(*(preflight.prepare_topics(conf, topics) for _ in range(4)))
+        async with metadata_client(bootstrap) as consumer:
+            for topic in topics:
+                assert await partitions_of(consumer, topic.name) == set(range(5))
+
+
+async def test_a_topic_created_after_the_metadata_client_started_is_read_whole(
+    tmp_path: Path,
+) -> None:
+    """A worker reading the layout while another creates the topics: it read them listed
+    but with 0 partitions (the consumer's cached metadata) and refused to start."""
+    with own_broker(tmp_path) as bootstrap:
+        async with metadata_client(bootstrap) as consumer:
+            assert await partitions_of(consumer, "late") is None
+            admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+            await admin.start()
+            try:
+                await admin.create_topics([NewTopic("late", 3, 1)])
+            finally:
+                await admin.close()
+            assert await partitions_of(consumer, "late") == {0, 1, 2}
 
 
 async def test_loadgen_on_a_fresh_broker_creates_the_topic_with_the_worker_count(
