@@ -291,6 +291,34 @@ def _unbacked_tables(tabledir: Path, settings: Settings) -> dict[int, tuple[int,
     )
 
 
+#: How long a starting worker gives the database to answer and migrate (a new database's
+#: partitions take a few seconds).
+MIGRATE_TIMEOUT_S = 120.0
+
+
+def migrate_at_start(conf: Settings) -> None:
+    """What ``finflow migrate`` does (idempotent, under an advisory lock: workers starting
+    together take turns), so that a worker on a new database stores from its first batch.
+
+    Without it, a worker started before anyone ran ``finflow migrate`` applied nothing: each
+    batch waits until the database takes its rows. A database that does not answer, or a role
+    without the right to change the schema (the Helm chart's migrate job has it), is logged
+    and left to the sink's retries.
+    """
+    import psycopg
+
+    from finflow.db.maintenance import upgrade
+
+    try:
+        lines = asyncio.run(asyncio.wait_for(upgrade(conf, datetime.now(UTC)), MIGRATE_TIMEOUT_S))
+    except (psycopg.Error, OSError, TimeoutError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        log.warning("database not migrated at start (%s); the sink retries its writes", reason)
+        return
+    for line in lines:
+        log.info("database: %s", line)
+
+
 def run_worker(args: argparse.Namespace) -> int:
     """Run the Faust worker; first wipe local table state left by an unclean stop or no
     longer backed by the changelogs (both rebuilt from the changelogs)."""
@@ -311,6 +339,8 @@ def run_worker(args: argparse.Namespace) -> int:
     from finflow.app import app, settings
 
     asyncio.run(preflight.prepare_topics(settings, TOPICS))
+    if settings.sink_enabled:
+        migrate_at_start(settings)
     marker = Path(settings.data_dir) / f"{settings.app_id}.running"
     if marker.exists():
         log.warning("previous worker stopped uncleanly: rebuilding tables from changelogs")

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from pathlib import Path
 
 import aiohttp
+import psycopg
 import pytest
 
 from finflow.loadgen import generate
 from tests.integration.checks import assert_database_exact, assert_exact, wait_counted
 from tests.integration.harness import (
+    ADMIN_URL,
     Worker,
     fresh_database,
     get_json,
@@ -78,3 +81,37 @@ async def test_database_outage_then_recovery(tmp_path: Path) -> None:
         finally:
             worker.stop()
             await proxy.cut()
+
+
+async def test_a_worker_on_a_database_nobody_migrated_stores_from_the_first_batch(
+    tmp_path: Path,
+) -> None:
+    """``finflow worker`` before anyone ran ``finflow migrate``: every batch waited for a
+    schema that never came, so nothing was applied or stored. The worker now migrates at
+    start (idempotent, as ``finflow migrate``), creating the database too."""
+    name = f"it_{uuid.uuid4().hex[:10]}"
+    url = f"postgresql://127.0.0.1:5432/{name}"
+    records = list(generate(stream(1_500, 40, seed=23)))
+    ref = Reference.of(records)
+    try:
+        with own_broker(tmp_path) as bootstrap:
+            worker = Worker(bootstrap, tmp_path, "w0", new_app_id(), database=url).start()
+            try:
+                await worker.wait_ready()
+                await produce(bootstrap, records)
+                await wait_counted([worker.url], ref, timeout=90)
+                deadline = time.monotonic() + 30
+                while True:  # rows follow the applied values by at most one batch
+                    try:
+                        assert_database_exact(url, ref)
+                        break
+                    except AssertionError:
+                        if time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.5)
+            finally:
+                worker.stop()
+        assert "database: schema at version" in worker.log.read_text()
+    finally:
+        with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
