@@ -45,14 +45,34 @@ def run_worker(worker: Worker) -> subprocess.CompletedProcess[str]:
     )
 
 
+async def create_topic(bootstrap: str, name: str, partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, partitions, 1)])
+    finally:
+        await admin.close()
+
+
+def mixed_stream(count: int, accounts: int, seed: int, keyless_ratio: float) -> list[Record]:
+    """The last two minutes: bad records, duplicates, disorder and keyless records."""
+    spec = Spec(
+        count=count,
+        accounts=accounts,
+        seed=seed,
+        start_ms=int(time.time() * 1000) - 120_000,
+        rate=400.0,
+        bad_ratio=0.04,
+        dup_ratio=0.04,
+        disorder_ms=60_000,
+        keyless_ratio=keyless_ratio,
+    )
+    return list(generate(spec))
+
+
 async def test_input_topic_with_other_partition_count_fails_at_start(tmp_path: Path) -> None:
     with own_broker(tmp_path) as bootstrap:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-        await admin.start()
-        try:
-            await admin.create_topics([NewTopic("transactions", 3, 1)])
-        finally:
-            await admin.close()
+        await create_topic(bootstrap, "transactions", 3)
         done = run_worker(Worker(bootstrap, tmp_path, "w", new_app_id(), partitions=4))
     assert done.returncode == 2
     line = done.stderr.strip().splitlines()[-1]
@@ -62,31 +82,16 @@ async def test_input_topic_with_other_partition_count_fails_at_start(tmp_path: P
 
 async def test_a_worker_on_a_fresh_broker_creates_its_topics(tmp_path: Path) -> None:
     """Nothing created beforehand but ``alerts`` (by its consumers, with a count of their
-    own), and a partition count other than the broker's default (tansu: 4); the topics the
-    worker creates (changelog included) have ``FINFLOW_TOPIC_REPLICATION`` replicas. The broker's
+    own), and a partition count other than the broker's default (tansu: 4). The broker's
     auto-created topics once had 4 partitions, and the worker crashed on the first record it
-    re-keyed to partition 4-7 of the by-account topic (``Unrecognized partition``)."""
+    re-keyed to partition 4-7 of the by-account topic (``Unrecognized partition``). The
+    topics the worker creates (changelog included) have ``FINFLOW_TOPIC_REPLICATION``
+    replicas."""
     partitions = 8
-    spec = Spec(
-        count=2_000,
-        accounts=40,
-        seed=11,
-        start_ms=int(time.time() * 1000) - 120_000,
-        rate=400.0,
-        bad_ratio=0.04,
-        dup_ratio=0.04,
-        disorder_ms=60_000,
-        keyless_ratio=0.1,
-    )
-    records = list(generate(spec))
+    records = mixed_stream(2_000, 40, seed=11, keyless_ratio=0.1)
     ref = Reference.of(records)
     with own_broker(tmp_path) as bootstrap:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-        await admin.start()
-        try:
-            await admin.create_topics([NewTopic("alerts", 3, 1)])
-        finally:
-            await admin.close()
+        await create_topic(bootstrap, "alerts", 3)
         app_id = new_app_id()
         worker = Worker(
             bootstrap, tmp_path, "w", app_id, partitions=partitions, FINFLOW_TOPIC_REPLICATION="3"
@@ -169,12 +174,7 @@ async def test_what_adopting_the_input_topics_count_reads_and_sets(tmp_path: Pat
         env = {"FINFLOW_BROKER_URL": f"kafka://{bootstrap}"}
         assert await preflight.adopt_input_partitions(env) is None  # no topic: created later
         assert env == {"FINFLOW_BROKER_URL": f"kafka://{bootstrap}"}
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-        await admin.start()
-        try:
-            await admin.create_topics([NewTopic("transactions", 3, 1)])
-        finally:
-            await admin.close()
+        await create_topic(bootstrap, "transactions", 3)
         explicit = {**env, "FINFLOW_TOPIC_PARTITIONS": "8"}
         assert await preflight.adopt_input_partitions(explicit) is None
         assert explicit["FINFLOW_TOPIC_PARTITIONS"] == "8"  # refused later, not overridden
@@ -205,12 +205,7 @@ async def test_a_topic_created_after_the_metadata_client_started_is_read_whole(
     with own_broker(tmp_path) as bootstrap:
         async with metadata_client(bootstrap) as consumer:
             assert await partitions_of(consumer, "late") is None
-            admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-            await admin.start()
-            try:
-                await admin.create_topics([NewTopic("late", 3, 1)])
-            finally:
-                await admin.close()
+            await create_topic(bootstrap, "late", 3)
             assert await partitions_of(consumer, "late") == {0, 1, 2}
 
 
@@ -287,18 +282,7 @@ async def test_first_deployment_of_an_app_with_records_waiting(tmp_path: Path) -
     holds records, which another app has read: its first batch forwards keyless records to a
     topic created just then and raises alerts. It once never got that batch acknowledged
     (aiokafka dropped the alerts topic from its producer's metadata) and hung on stop."""
-    spec = Spec(
-        count=3_000,
-        accounts=50,
-        seed=3,
-        start_ms=int(time.time() * 1000) - 120_000,
-        rate=400.0,
-        bad_ratio=0.04,
-        dup_ratio=0.04,
-        disorder_ms=60_000,
-        keyless_ratio=0.05,
-    )
-    records = list(generate(spec))
+    records = mixed_stream(3_000, 50, seed=3, keyless_ratio=0.05)
     ref = Reference.of(records)
     with own_broker(tmp_path) as bootstrap:
         first = Worker(bootstrap, tmp_path, "first", new_app_id()).start()
