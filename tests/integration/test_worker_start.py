@@ -30,6 +30,7 @@ from tests.integration.harness import (
     produce,
 )
 from tests.integration.reference import Reference
+from tests.integration.test_pipeline import stream
 
 pytestmark = pytest.mark.asyncio
 
@@ -54,22 +55,6 @@ async def create_topic(bootstrap: str, name: str, partitions: int) -> None:
         await admin.close()
 
 
-def mixed_stream(count: int, accounts: int, seed: int, keyless_ratio: float) -> list[Record]:
-    """The last two minutes: bad records, duplicates, disorder and keyless records."""
-    spec = Spec(
-        count=count,
-        accounts=accounts,
-        seed=seed,
-        start_ms=int(time.time() * 1000) - 120_000,
-        rate=400.0,
-        bad_ratio=0.04,
-        dup_ratio=0.04,
-        disorder_ms=60_000,
-        keyless_ratio=keyless_ratio,
-    )
-    return list(generate(spec))
-
-
 async def test_input_topic_with_other_partition_count_fails_at_start(tmp_path: Path) -> None:
     with own_broker(tmp_path) as bootstrap:
         await create_topic(bootstrap, "transactions", 3)
@@ -88,7 +73,7 @@ async def test_a_worker_on_a_fresh_broker_creates_its_topics(tmp_path: Path) -> 
     topics the worker creates (changelog included) have ``FINFLOW_TOPIC_REPLICATION``
     replicas."""
     partitions = 8
-    records = mixed_stream(2_000, 40, seed=11, keyless_ratio=0.1)
+    records = list(generate(stream(2_000, 40, seed=11)))
     ref = Reference.of(records)
     with own_broker(tmp_path) as bootstrap:
         await create_topic(bootstrap, "alerts", 3)
@@ -282,7 +267,7 @@ async def test_first_deployment_of_an_app_with_records_waiting(tmp_path: Path) -
     holds records, which another app has read: its first batch forwards keyless records to a
     topic created just then and raises alerts. It once never got that batch acknowledged
     (aiokafka dropped the alerts topic from its producer's metadata) and hung on stop."""
-    records = mixed_stream(3_000, 50, seed=3, keyless_ratio=0.05)
+    records = list(generate(stream(3_000, 50, seed=3)))
     ref = Reference.of(records)
     with own_broker(tmp_path) as bootstrap:
         first = Worker(bootstrap, tmp_path, "first", new_app_id()).start()
