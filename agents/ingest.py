@@ -67,10 +67,9 @@ def dead_letter(msg: MessageLike, error: ValidationError) -> None:
     pairs = _pairs(msg)
     headers = [(k, v) for k, v in pairs if k not in _DEAD_LETTER_SET]
     headers += _source(msg).items()
-    headers += [
-        ("finflow.error.reason", error.reason.value.encode()),
-        ("finflow.error.message", error.message.encode()),
-    ]
+    headers += zip(
+        ERROR_HEADERS, (error.reason.value.encode(), error.message.encode()), strict=True
+    )
     # A re-keyed record carries its original key in a header, absent when it had none.
     key = dict(pairs).get(ORIGINAL_KEY) if msg.topic == BY_ACCOUNT else msg.key
     dlq_topic.send_soon(

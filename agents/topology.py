@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from agents.batching import BatchTopic
 from finflow.app import MAX_RECORD_BYTES, app, settings
-from finflow.preflight import RETENTION, TopicSpec, durability
+from finflow.preflight import INPUT_TOPIC, RETENTION, TopicSpec, durability
 from tables.store import PartitionedTable
 
-TRANSACTIONS = "transactions"
+TRANSACTIONS = INPUT_TOPIC
 DLQ = "transactions-dlq"
 ALERTS = "alerts"
 BY_ACCOUNT = f"{settings.app_id}-transactions-by-account"

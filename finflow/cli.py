@@ -212,19 +212,11 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bootstrap() -> str:
-    from finflow.preflight import bootstrap_of
-    from finflow.settings import from_env
-
-    return bootstrap_of(from_env())
-
-
 def run_loadgen(args: argparse.Namespace) -> int:
     import time
 
     from finflow import preflight
     from finflow.loadgen import Spec, produce
-    from finflow.preflight import RETENTION, TopicSpec, bootstrap_of, durability
     from finflow.settings import from_env
 
     start = args.start if args.start is not None else int(time.time() * 1000)
@@ -242,9 +234,9 @@ def run_loadgen(args: argparse.Namespace) -> int:
     conf = from_env()
     # Created as the worker would create it: left to the broker, the first send creates it
     # with the broker's default partition count, which a worker then refuses.
-    kept = RETENTION | durability(conf.topic_replication)
-    asyncio.run(preflight.prepare_topics(conf, [TopicSpec(args.topic, kept, False)]))
-    counts = asyncio.run(produce(bootstrap_of(conf), args.topic, spec))
+    kept = preflight.RETENTION | preflight.durability(conf.topic_replication)
+    asyncio.run(preflight.prepare_topics(conf, [preflight.TopicSpec(args.topic, kept, False)]))
+    counts = asyncio.run(produce(preflight.bootstrap_of(conf), args.topic, spec))
     print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     return 0
 
@@ -331,7 +323,7 @@ def run_worker(args: argparse.Namespace) -> int:
     conf = from_env()
     local_state.ensure_data_dir(conf.data_dir)  # before the broker: it may take a minute
     if conf.broker_flavor == "tansu" or (
-        conf.broker_flavor == "auto" and asyncio.run(broker_is_tansu(_bootstrap()))
+        conf.broker_flavor == "auto" and asyncio.run(broker_is_tansu(preflight.bootstrap_of(conf)))
     ):
         tansu.apply()
     asyncio.run(preflight.adopt_input_partitions(os.environ))  # before the app reads it
