@@ -322,6 +322,12 @@ def run_worker(args: argparse.Namespace) -> int:
 
     conf = from_env()
     local_state.ensure_data_dir(conf.data_dir)  # before the broker: it may take a minute
+    data_dir = local_state.claim_data_dir(conf.data_dir, conf.app_id)
+    if data_dir != conf.data_dir:
+        log.warning(
+            "another worker uses FINFLOW_DATA_DIR=%s: this one uses %s", conf.data_dir, data_dir
+        )
+        os.environ["FINFLOW_DATA_DIR"] = data_dir  # before the app reads it
     if conf.broker_flavor == "tansu" or (
         conf.broker_flavor == "auto" and asyncio.run(broker_is_tansu(preflight.bootstrap_of(conf)))
     ):

@@ -10,6 +10,8 @@ it from the changelog; so does the worker (``finflow.cli``), before Faust opens 
 
 from __future__ import annotations
 
+import fcntl
+import os
 import tempfile
 from pathlib import Path
 
@@ -38,6 +40,37 @@ def ensure_data_dir(data_dir: str) -> Path:
         reason = exc.strerror or str(exc)
         raise ConfigError(f"FINFLOW_DATA_DIR={data_dir!r} is invalid: {reason}") from None
     return path
+
+
+#: Workers of one app that may share a ``FINFLOW_DATA_DIR`` on one machine.
+MAX_SHARING = 64
+_held: list[int] = []  # lock files of the directories this process claimed, open until exit
+
+
+def claim_data_dir(data_dir: str, app_id: str) -> str:
+    """The data directory this worker uses: ``data_dir`` itself unless another running
+    worker of the app holds it, else the first free ``<data_dir>/<app_id>.<n>``.
+
+    Faust's documentation starts a second worker on a machine with only another web port,
+    so both get the same ``FINFLOW_DATA_DIR``. The second took the first's running marker
+    for an unclean stop and deleted the tables under it. A directory is held with an
+    exclusive ``flock`` for the life of the process; the kernel releases it when the
+    process ends, ``kill -9`` included, so a restarted worker takes its directory back.
+    """
+    for n in range(MAX_SHARING):
+        path = Path(data_dir) if n == 0 else Path(data_dir) / f"{app_id}.{n}"
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / f"{app_id}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        _held.append(fd)
+        return str(path)
+    raise ConfigError(
+        f"FINFLOW_DATA_DIR={data_dir!r} is invalid: {MAX_SHARING} workers of {app_id!r} use it"
+    )
 
 
 def persisted_offsets(tabledir: Path, table: str) -> dict[int, int]:

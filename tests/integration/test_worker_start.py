@@ -194,6 +194,32 @@ async def test_a_topic_created_after_the_metadata_client_started_is_read_whole(
             assert await partitions_of(consumer, "late") == {0, 1, 2}
 
 
+async def test_two_workers_on_one_machine_with_the_same_data_dir(tmp_path: Path) -> None:
+    """As Faust's documentation starts a second worker: the same directory, another port.
+    The second took the first's running marker for an unclean stop and deleted the first's
+    tables under it; it now works in a directory of its own inside the shared one."""
+    records = list(generate(stream(2_000, 40, seed=29)))
+    shared = str(tmp_path / "shared")
+    with own_broker(tmp_path) as bootstrap:
+        app_id = new_app_id()
+        first = Worker(bootstrap, tmp_path, "w1", app_id, FINFLOW_DATA_DIR=shared).start()
+        second = Worker(bootstrap, tmp_path, "w2", app_id, FINFLOW_DATA_DIR=shared)
+        try:
+            await first.wait_ready()
+            second.start()
+            await second.wait_ready()
+            await produce(bootstrap, records)
+            await wait_counted([first.url, second.url], Reference.of(records))
+        finally:
+            second.stop()
+            first.stop()
+    logs = first.log.read_text() + second.log.read_text()
+    assert "rebuilding tables" not in logs
+    assert f"this one uses {shared}/{app_id}.1" in second.log.read_text()
+    assert (Path(shared) / app_id).is_dir()
+    assert (Path(shared) / f"{app_id}.1" / app_id).is_dir()
+
+
 async def test_loadgen_on_a_fresh_broker_creates_the_topic_with_the_worker_count(
     tmp_path: Path,
 ) -> None:
