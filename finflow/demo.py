@@ -82,7 +82,6 @@ def _start_worker(port: int, web_port: int) -> subprocess.Popen[bytes]:
         **os.environ,
         "FINFLOW_BROKER_URL": f"kafka://127.0.0.1:{port}",
         "FINFLOW_WEB_PORT": str(web_port),
-        "FINFLOW_TOPIC_PARTITIONS": "4",
         "FINFLOW_DATA_DIR": "var/demo",
         "FINFLOW_APP_ID": "finflow-demo",
     }
