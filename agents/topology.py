@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from agents.batching import BatchTopic
 from finflow.app import MAX_RECORD_BYTES, app, settings
-from finflow.preflight import INPUT_TOPIC, RETENTION, TopicSpec, durability
+from finflow.preflight import INPUT_TOPIC, TopicSpec, durability, topic_config
 from tables.store import PartitionedTable
 
 TRANSACTIONS = INPUT_TOPIC
@@ -25,7 +25,7 @@ ROCKSDB_MEMORY = {
 }
 #: The records FinFlow writes can exceed Kafka's 1 MB default (``finflow.app.MAX_RECORD_BYTES``).
 _LARGE = {"max.message.bytes": str(MAX_RECORD_BYTES)}
-_KEPT = RETENTION | durability(settings.topic_replication)
+_KEPT = topic_config(settings.topic_replication)
 
 #: Every topic the worker reads or writes, created at start when missing (``finflow worker``).
 #: The DLQ and alerts are placed by the producer over whatever partitions they have.

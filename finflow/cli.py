@@ -116,8 +116,7 @@ def run_migrate(args: argparse.Namespace) -> int:
     try:
         lines = asyncio.run(upgrade(from_env(), datetime.now(UTC)))
     except psycopg.Error as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        print(f"finflow: database error: {reason}", file=sys.stderr)
+        print(f"finflow: database error: {first_line(exc)}", file=sys.stderr)
         return 1
     print("\n".join(lines))
     return 0
@@ -143,6 +142,11 @@ def audit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=limit, default=100)
 
 
+def first_line(exc: BaseException) -> str:
+    """An error's first line (a server's message has more), else its type's name."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def run_audit(args: argparse.Namespace) -> int:
     """Print matching ``finflow.audit_log`` rows, newest first, one JSON object a line."""
     import psycopg
@@ -153,8 +157,7 @@ def run_audit(args: argparse.Namespace) -> int:
     try:
         asyncio.run(print_rows(from_env(), args.action, args.since, args.subject, args.limit))
     except psycopg.Error as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        print(f"finflow: database error: {reason}", file=sys.stderr)
+        print(f"finflow: database error: {first_line(exc)}", file=sys.stderr)
         return 1
     return 0
 
@@ -234,7 +237,7 @@ def run_loadgen(args: argparse.Namespace) -> int:
     conf = from_env()
     # Created as the worker would create it: left to the broker, the first send creates it
     # with the broker's default partition count, which a worker then refuses.
-    kept = preflight.RETENTION | preflight.durability(conf.topic_replication)
+    kept = preflight.topic_config(conf.topic_replication)
     asyncio.run(preflight.prepare_topics(conf, [preflight.TopicSpec(args.topic, kept, False)]))
     counts = asyncio.run(produce(preflight.bootstrap_of(conf), args.topic, spec))
     print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
@@ -304,8 +307,9 @@ def migrate_at_start(conf: Settings) -> None:
     try:
         lines = asyncio.run(asyncio.wait_for(upgrade(conf, datetime.now(UTC)), MIGRATE_TIMEOUT_S))
     except (psycopg.Error, OSError, TimeoutError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        log.warning("database not migrated at start (%s); the sink retries its writes", reason)
+        log.warning(
+            "database not migrated at start (%s); the sink retries its writes", first_line(exc)
+        )
         return
     for line in lines:
         log.info("database: %s", line)

@@ -144,6 +144,11 @@ def durability(replication: int) -> dict[str, str]:
     return {"min.insync.replicas": str(max(1, min(2, replication - 1)))}
 
 
+def topic_config(replication: int) -> dict[str, str]:
+    """Config of a topic FinFlow creates with ``replication`` replicas."""
+    return RETENTION | durability(replication)
+
+
 @dataclass(frozen=True, slots=True)
 class TopicSpec:
     """A topic the worker reads or writes, created at start when it is missing."""
