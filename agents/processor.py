@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from aiokafka.partitioner import murmur2
 
 from agents import rows
-from finflow.db.writer import SnapshotRow, TxnRow
+from finflow.db.writer import CopyRows, SnapshotRow, TxnRow
 from finflow.settings import Settings
 from models.alerts import Alert
 from models.exceptions import Reason, ValidationError
@@ -90,8 +90,10 @@ class Batch:
 
     result: BatchResult
     writes: dict[int, dict[bytes, bytes]] = field(default_factory=dict)
-    txns: list[TxnRow] = field(default_factory=list)
-    snapshots: list[SnapshotRow] = field(default_factory=list)
+    txns: CopyRows[TxnRow] = field(default_factory=lambda: CopyRows(TxnRow))
+    #: Each window an account changed in a chunk: an account in several chunks of the batch
+    #: has a row per chunk, the database keeps the newest (the most events).
+    snapshots: CopyRows[SnapshotRow] = field(default_factory=lambda: CopyRows(SnapshotRow))
     alerts: list[Alert] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
 
@@ -151,20 +153,12 @@ class IngestProcessor:
         """
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         batch = Batch(BatchResult())
-        snapshots: dict[tuple[bytes, str, int], SnapshotRow] = {}
         for start in range(0, len(messages), CHUNK):
-            self._chunk(messages[start : start + CHUNK], now_ms, batch, snapshots)
+            self._chunk(messages[start : start + CHUNK], now_ms, batch)
         batch.result.accounts = sum(map(len, batch.writes.values()))
-        batch.snapshots = list(snapshots.values())  # the last of each window
         return batch
 
-    def _chunk(
-        self,
-        messages: Sequence[MessageLike],
-        now_ms: int,
-        batch: Batch,
-        snapshots: dict[tuple[bytes, str, int], SnapshotRow],
-    ) -> None:
+    def _chunk(self, messages: Sequence[MessageLike], now_ms: int, batch: Batch) -> None:
         result = batch.result
         n = self.partitions
         oldest_ms = now_ms - self.conf.retention.longest_ms  # older events are too late
@@ -204,7 +198,7 @@ class IngestProcessor:
                     batch.txns.append(rows.txn_row(txn, msg.topic, msg.partition, msg.offset))
             else:
                 result.duplicates += 1
-        self._finish(batch, touched, changed, now_ms, snapshots)
+        self._finish(batch, touched, changed, now_ms)
 
     def commit(self, batch: Batch) -> None:
         """Write the batch's account values (and their changelog records)."""
@@ -292,7 +286,6 @@ class IngestProcessor:
         touched: dict[tuple[int, bytes], AccountState],
         changed: dict[tuple[int, bytes], None],
         now_ms: int,
-        snapshots: dict[tuple[bytes, str, int], SnapshotRow],
     ) -> None:
         wall_ms = int(time.time() * 1000)
         for slot in changed:
@@ -300,7 +293,6 @@ class IngestProcessor:
             state = touched[slot]
             state.prune(now_ms, wall_ms, self.conf.retention)
             if self.rows:  # before encode, which seals the buckets again
-                for row in rows.snapshot_rows(key.decode(), state):
-                    snapshots[(key, row.window_size, row.start_ms)] = row
+                rows.add_snapshots(batch.snapshots, key.decode(), state)
             value = batch.writes.setdefault(partition, {})[key] = state.encode()
             self._pending[slot] = value

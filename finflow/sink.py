@@ -19,6 +19,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from finflow import metrics
 from finflow.audit import actor_for_worker, record_config, rows_for_batch
 from finflow.db.writer import (
+    CopyRows,
     SnapshotRow,
     TxnRow,
     stored_text,
@@ -145,8 +146,8 @@ class DatabaseSink(Service):
 
     async def write(
         self,
-        txns: Sequence[TxnRow],
-        snapshots: Sequence[SnapshotRow],
+        txns: Sequence[TxnRow] | CopyRows[TxnRow],
+        snapshots: Sequence[SnapshotRow] | CopyRows[SnapshotRow],
         alerts: Sequence[Alert] = (),
         rejections: Sequence[Any] = (),
     ) -> None:
@@ -157,8 +158,8 @@ class DatabaseSink(Service):
 
     async def _write(
         self,
-        txns: Sequence[TxnRow],
-        snapshots: Sequence[SnapshotRow],
+        txns: Sequence[TxnRow] | CopyRows[TxnRow],
+        snapshots: Sequence[SnapshotRow] | CopyRows[SnapshotRow],
         alerts: Sequence[Alert],
         rejections: Sequence[Any],
     ) -> None:
