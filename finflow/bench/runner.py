@@ -39,7 +39,8 @@ METHODS = {
     "measure_seconds": "every throughput contender is timed until it applied the whole stream "
     "or for measure_seconds after its first record ('complete' says which)",
     "sustained": "loadgen at fractions of FinFlow's storage-on rate, on a fresh broker, "
-    "database and worker (storage on, cache off)",
+    "database and worker (storage on, cache off); after each phase, up to 40 s for its records "
+    "to be applied, never past budget_s into the run (the rest is reported as unapplied)",
     "apply_latency": "finflow_produce_to_apply_seconds bucket deltas over the phase (send time "
     "from the finflow.sent_at header), interpolated within buckets",
     "readable_latency": "a marker transaction for a fresh account every 200 ms; from its send "
@@ -264,6 +265,7 @@ class Run:
             seed=seed,
             marker_interval=self.conf.marker_interval_s,
             t0=self.t0,
+            drain_until=self.t0 + self.conf.budget_s,
         )
 
     async def _recovery(self, worker: Worker, http: aiohttp.ClientSession) -> dict[str, Any]:
@@ -307,6 +309,7 @@ class Run:
                 "grace_ms": self.conf.grace_ms,
                 "session_timeout": self.conf.session_timeout,
                 "measure_seconds": self.conf.measure_s,
+                "budget_seconds": self.conf.budget_s,
             },
             "machine": {
                 "cpus": os.cpu_count(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -112,10 +113,13 @@ async def _markers(
         await producer.stop()
 
 
-async def _drain(worker: Worker, http: aiohttp.ClientSession, want: float) -> prom.Scrape:
-    """The first scrape with ``want`` transactions applied, or the last one before the
-    drain timeout (a worker that cannot keep up leaves records behind; they are reported)."""
-    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+async def _drain(
+    worker: Worker, http: aiohttp.ClientSession, want: float, until: float = math.inf
+) -> prom.Scrape:
+    """The first scrape with ``want`` transactions applied, or the last one before the drain
+    ends: :data:`DRAIN_TIMEOUT_S` from now, or at ``until`` (``time.monotonic()``) if that
+    comes first (a worker that cannot keep up leaves records behind; they are reported)."""
+    deadline = min(time.monotonic() + DRAIN_TIMEOUT_S, until)
     while True:
         worker.check_running()
         scrape = await worker.scrape(http)
@@ -135,8 +139,10 @@ async def phase(
     seed: int,
     marker_interval: float,
     t0: float,
+    drain_until: float = math.inf,
 ) -> tuple[dict[str, object], Samples]:
-    """Produce at ``rate`` for ``seconds`` with ``finflow.loadgen`` while measuring."""
+    """Produce at ``rate`` for ``seconds`` with ``finflow.loadgen`` while measuring, then wait
+    for the records to be applied (at most until ``drain_until``, see :func:`_drain`)."""
     samples = Samples()
     before = await worker.scrape(http)
     spec = Spec(
@@ -164,7 +170,7 @@ async def phase(
         await asyncio.gather(side[1], return_exceptions=True)
     try:
         want = before.total(ACCEPTED) + spec.count + samples.markers_sent
-        after = await _drain(worker, http, want)
+        after = await _drain(worker, http, want, drain_until)
     finally:
         side[0].cancel()
         await asyncio.gather(side[0], return_exceptions=True)

@@ -1,0 +1,40 @@
+"""The wait after each sustained phase: it ends when the records are applied, after its
+timeout, or at the run's budget, whichever comes first (a full run stays within 15 minutes)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from finflow.bench import prom, sustain
+from finflow.bench.pipeline import ACCEPTED
+
+
+class Applying:
+    """What the drain reads of a worker: it applies ``per_scrape`` more records per scrape."""
+
+    def __init__(self, per_scrape: float) -> None:
+        self.applied = 0.0
+        self.per_scrape = per_scrape
+
+    def check_running(self) -> None:
+        pass
+
+    async def scrape(self, http: Any) -> prom.Scrape:
+        self.applied += self.per_scrape
+        return prom.Scrape(time.monotonic(), {ACCEPTED: [({}, self.applied)]})
+
+
+async def test_the_drain_stops_at_the_runs_budget_when_the_worker_falls_behind() -> None:
+    worker = Applying(per_scrape=0)
+    started = time.monotonic()
+    scrape = await sustain._drain(worker, None, want=10, until=started + 0.5)  # type: ignore[arg-type]
+    waited = time.monotonic() - started
+    assert 0.5 <= waited < sustain.DRAIN_TIMEOUT_S / 4  # the budget, not the 40 s timeout
+    assert scrape.total(ACCEPTED) == 0  # the last scrape: the shortfall is reported
+
+
+async def test_the_drain_returns_once_the_phase_is_applied() -> None:
+    worker = Applying(per_scrape=4)
+    scrape = await sustain._drain(worker, None, want=10)  # type: ignore[arg-type]
+    assert scrape.total(ACCEPTED) == 12  # the third scrape, the first to see all of them
