@@ -118,13 +118,25 @@ async def _drain(
 ) -> prom.Scrape:
     """The first scrape with ``want`` transactions applied, or the last one before the drain
     ends: :data:`DRAIN_TIMEOUT_S` from now, or at ``until`` (``time.monotonic()``) if that
-    comes first (a worker that cannot keep up leaves records behind; they are reported)."""
+    comes first (a worker that cannot keep up leaves records behind; they are reported).
+
+    A worker far behind answers ``/metrics`` slowly (seconds, between its batches): a scrape
+    still running at the end is abandoned, so only the first one may end past it.
+    """
     deadline = min(time.monotonic() + DRAIN_TIMEOUT_S, until)
+    last: prom.Scrape | None = None
     while True:
         worker.check_running()
-        scrape = await worker.scrape(http)
+        left = None if last is None else max(0.0, deadline - time.monotonic())
+        try:
+            scrape = await asyncio.wait_for(worker.scrape(http), timeout=left)
+        except TimeoutError:
+            if last is None:  # only later scrapes have a timeout
+                raise
+            return last
         if scrape.total(ACCEPTED) >= want or time.monotonic() > deadline:
             return scrape
+        last = scrape
         await asyncio.sleep(0.1)
 
 

@@ -3,6 +3,7 @@ timeout, or at the run's budget, whichever comes first (a full run stays within 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -13,14 +14,16 @@ from finflow.bench.pipeline import ACCEPTED
 class Applying:
     """What the drain reads of a worker: it applies ``per_scrape`` more records per scrape."""
 
-    def __init__(self, per_scrape: float) -> None:
+    def __init__(self, per_scrape: float, answer_s: float = 0.0) -> None:
         self.applied = 0.0
         self.per_scrape = per_scrape
+        self.answer_s = answer_s  # how long a scrape takes to answer
 
     def check_running(self) -> None:
         pass
 
     async def scrape(self, http: Any) -> prom.Scrape:
+        await asyncio.sleep(self.answer_s)
         self.applied += self.per_scrape
         return prom.Scrape(time.monotonic(), {ACCEPTED: [({}, self.applied)]})
 
@@ -38,3 +41,13 @@ async def test_the_drain_returns_once_the_phase_is_applied() -> None:
     worker = Applying(per_scrape=4)
     scrape = await sustain._drain(worker, None, want=10)  # type: ignore[arg-type]
     assert scrape.total(ACCEPTED) == 12  # the third scrape, the first to see all of them
+
+
+async def test_a_slow_scrape_does_not_carry_the_drain_past_its_end() -> None:
+    """A worker far behind answers /metrics slowly: the scrape still running is abandoned."""
+    worker = Applying(per_scrape=1, answer_s=0.4)
+    started = time.monotonic()
+    scrape = await sustain._drain(worker, None, want=10, until=started + 1.0)  # type: ignore[arg-type]
+    waited = time.monotonic() - started
+    assert 1.0 <= waited < 1.3  # not the 1.4 s that waiting out the scrape would take
+    assert scrape.total(ACCEPTED) == 2  # the last scrape that answered in time
