@@ -76,14 +76,27 @@ async def _readable(http: aiohttp.ClientSession, url: str, sent: float, out: Sam
 
 
 async def _markers(
-    worker: Worker, http: aiohttp.ClientSession, phase: str, interval: float, out: Samples
+    worker: Worker,
+    http: aiohttp.ClientSession,
+    phase: str,
+    interval: float,
+    out: Samples,
+    stop: asyncio.Event,
+    stopped: asyncio.Event,
 ) -> None:
-    """Every ``interval``: one transaction for a fresh account, then poll until readable."""
+    """Every ``interval``: one transaction for a fresh account, then poll until readable.
+
+    Once ``stop`` is set no marker is sent (``stopped`` says so: ``out.markers_sent`` is
+    final), and the markers in flight are polled until readable or timed out (at most
+    :data:`MARKER_TIMEOUT_S`), while the phase's drain runs.
+    """
     producer = AIOKafkaProducer(bootstrap_servers=worker.bootstrap, linger_ms=0, acks=1)
     await producer.start()
     polls: set[asyncio.Task[None]] = set()
     try:
         for i in itertools.count():
+            if stop.is_set():
+                break
             account = f"bench-mark-{phase}-{i:06d}"
             sent = time.time()
             ms = int(sent * 1000)
@@ -105,11 +118,15 @@ async def _markers(
             task = asyncio.ensure_future(_readable(http, url, sent, out))
             polls.add(task)
             task.add_done_callback(polls.discard)
-            await asyncio.sleep(interval)
-    except asyncio.CancelledError:
-        await asyncio.gather(*polls, return_exceptions=True)  # let in-flight markers finish
-        raise
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+        stopped.set()
+        await asyncio.gather(*polls, return_exceptions=True)  # in-flight markers finish
     finally:
+        stopped.set()
+        out.markers_missing += sum(not task.done() for task in polls)
+        for task in list(polls):
+            task.cancel()
         await producer.stop()
 
 
@@ -167,25 +184,33 @@ async def phase(
     # Marker ids are the phase's own: the warm-up runs at a phase's rate, and markers it shared
     # with that phase were repeats (de-duplicated, so never readable and counted unapplied).
     label = f"{round(fraction * 100)}-{seed}"
+    stop, stopped = asyncio.Event(), asyncio.Event()
+    markers = _markers(worker, http, label, marker_interval, samples, stop, stopped)
     side = [
         asyncio.ensure_future(_sample(worker, http, samples, t0)),
-        asyncio.ensure_future(_markers(worker, http, label, marker_interval, samples)),
+        asyncio.ensure_future(markers),
     ]
     started = time.monotonic()
     try:
-        counts = await produce(
-            worker.bootstrap, TOPIC, spec, realtime=True, security=BrokerSecurity()
-        )
-        produced_s = time.monotonic() - started
-    finally:
-        side[1].cancel()
-        await asyncio.gather(side[1], return_exceptions=True)
-    try:
+        try:
+            counts = await produce(
+                worker.bootstrap, TOPIC, spec, realtime=True, security=BrokerSecurity()
+            )
+            produced_s = time.monotonic() - started
+        finally:
+            stop.set()
+            await stopped.wait()
+        # The drain and the polls of the last markers go on together: when the worker is far
+        # behind, both wait for it, and one after the other they took up to 30 + 40 s.
         want = before.total(ACCEPTED) + spec.count + samples.markers_sent
         after = await _drain(worker, http, want, drain_until)
+        # The markers in flight: readable by now, or timed out, unless the run's budget ended
+        # the drain (those still polled then are counted as missing).
+        await asyncio.wait([side[1]], timeout=max(0.0, drain_until - time.monotonic()))
     finally:
-        side[0].cancel()
-        await asyncio.gather(side[0], return_exceptions=True)
+        for task in side:
+            task.cancel()
+        await asyncio.gather(*side, return_exceptions=True)
     delta = prom.bucket_delta(before.buckets(LATENCY), after.buckets(LATENCY))
     lags = [lag for _, lag in samples.lag]
     result: dict[str, object] = {
