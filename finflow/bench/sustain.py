@@ -91,9 +91,9 @@ async def _markers(
     :data:`MARKER_TIMEOUT_S`), while the phase's drain runs.
     """
     producer = AIOKafkaProducer(bootstrap_servers=worker.bootstrap, linger_ms=0, acks=1)
-    await producer.start()
     polls: set[asyncio.Task[None]] = set()
     try:
+        await producer.start()  # in the try: a failed start still sets ``stopped``
         for i in itertools.count():
             if stop.is_set():
                 break
