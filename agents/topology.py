@@ -27,15 +27,6 @@ ROCKSDB_MEMORY = {
 _LARGE = {"max.message.bytes": str(MAX_RECORD_BYTES)}
 _KEPT = topic_config(settings.topic_replication)
 
-#: Every topic the worker reads or writes, created at start when missing (``finflow worker``).
-#: The DLQ and alerts are placed by the producer over whatever partitions they have.
-TOPICS = (
-    TopicSpec(TRANSACTIONS, _KEPT),
-    TopicSpec(BY_ACCOUNT, _KEPT | _LARGE),
-    TopicSpec(DLQ, _KEPT | _LARGE, co_partitioned=False),
-    TopicSpec(ALERTS, _KEPT, co_partitioned=False),
-)
-
 transactions_topic = app.topic(TRANSACTIONS, partitions=settings.topic_partitions, config=_KEPT)
 by_account_topic = app.topic(
     BY_ACCOUNT, partitions=settings.topic_partitions, internal=True, config=_KEPT | _LARGE
@@ -66,3 +57,14 @@ accounts = PartitionedTable(
     options=ROCKSDB_MEMORY,
 )
 app.tables.add(accounts)
+
+#: Every topic the worker reads or writes, created at start when missing (``finflow worker``).
+#: The DLQ and alerts are placed by the producer over whatever partitions they have. The
+#: changelog is Faust's to create; one left by an earlier deployment must match the count.
+TOPICS = (
+    TopicSpec(TRANSACTIONS, _KEPT),
+    TopicSpec(BY_ACCOUNT, _KEPT | _LARGE),
+    TopicSpec(DLQ, _KEPT | _LARGE, co_partitioned=False),
+    TopicSpec(ALERTS, _KEPT, co_partitioned=False),
+    TopicSpec(accounts.changelog_topic.get_topic_name(), {}, created=False),
+)

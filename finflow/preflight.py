@@ -158,6 +158,10 @@ class TopicSpec:
     #: Records are placed by their account's partition among ``FINFLOW_TOPIC_PARTITIONS``
     #: (the accounts table's layout), so the topic must have exactly that many.
     co_partitioned: bool = True
+    #: Left to its creator when missing (Faust creates a table's changelog with its own
+    #: config); an existing one is still checked. Such a topic holds state built for its own
+    #: partition count, so the remedy for a mismatch is not another setting.
+    created: bool = True
 
 
 #: CreateTopics error code of a topic another client created first.
@@ -175,26 +179,37 @@ async def prepare_topics(conf: Settings, topics: Sequence[TopicSpec]) -> None:
 
     An existing co-partitioned topic must have ``FINFLOW_TOPIC_PARTITIONS`` partitions:
     tables, the by-account topic and HTTP routing all place an account by its key's
-    partition among them, so another count would split or misroute accounts.
+    partition among them, so another count would split or misroute accounts. A topic not
+    ``created`` here (the accounts table's changelog) is only checked when it exists.
     """
     await check_broker_access(conf)
     bootstrap = bootstrap_of(conf)
     async with metadata_client(bootstrap, conf.broker_security) as consumer:
         found = {t.name: await partitions_of(consumer, t.name) for t in topics}
-    missing = [t for t in topics if found[t.name] is None]
+    absent = {t.name for t in topics if found[t.name] is None and not t.created}
+    missing = [t for t in topics if found[t.name] is None and t.created]
     raced = await _create(bootstrap, conf, missing) if missing else set()
     for topic in missing:
         if topic.name not in raced:
             found[topic.name] = set(range(conf.topic_partitions))
     # Created by another worker starting at the same time: listed without partitions while
     # the broker sets them up, or not listed yet. Read the count once it is there.
-    pending = [name for name, partitions in found.items() if not partitions]
+    pending = [name for name, partitions in found.items() if not partitions and name not in absent]
     if pending:
         async with metadata_client(bootstrap, conf.broker_security) as consumer:
             for name in pending:
                 found[name] = await _when_listed(consumer, name)
     for topic in topics:
+        if topic.name in absent:
+            continue  # its creator makes it with FINFLOW_TOPIC_PARTITIONS partitions
         count = len(found[topic.name] or ())
+        if topic.co_partitioned and count != conf.topic_partitions and not topic.created:
+            raise ConfigError(
+                f"FINFLOW_TOPIC_PARTITIONS={conf.topic_partitions} but topic {topic.name!r}"
+                f" has {count} partitions, and the state it holds is placed by that count;"
+                f" give the input topics {count} partitions (FINFLOW_TOPIC_PARTITIONS={count}),"
+                " or start from empty state under another FINFLOW_APP_ID"
+            )
         if topic.co_partitioned and count != conf.topic_partitions:
             raise ConfigError(
                 f"FINFLOW_TOPIC_PARTITIONS={conf.topic_partitions} but topic {topic.name!r}"
