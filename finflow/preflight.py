@@ -159,8 +159,8 @@ class TopicSpec:
     #: (the accounts table's layout), so the topic must have exactly that many.
     co_partitioned: bool = True
     #: Left to its creator when missing (Faust creates a table's changelog with its own
-    #: config); an existing one is still checked. Such a topic holds state built for its own
-    #: partition count, so the remedy for a mismatch is not another setting.
+    #: config); an existing one is still checked. Such a topic holds state placed by its own
+    #: partition count, so a mismatch is not mended by the setting alone.
     created: bool = True
 
 
@@ -203,17 +203,16 @@ async def prepare_topics(conf: Settings, topics: Sequence[TopicSpec]) -> None:
         if topic.name in absent:
             continue  # its creator makes it with FINFLOW_TOPIC_PARTITIONS partitions
         count = len(found[topic.name] or ())
-        if topic.co_partitioned and count != conf.topic_partitions and not topic.created:
-            raise ConfigError(
-                f"FINFLOW_TOPIC_PARTITIONS={conf.topic_partitions} but topic {topic.name!r}"
-                f" has {count} partitions, and the state it holds is placed by that count;"
-                f" give the input topics {count} partitions (FINFLOW_TOPIC_PARTITIONS={count}),"
-                " or start from empty state under another FINFLOW_APP_ID"
-            )
         if topic.co_partitioned and count != conf.topic_partitions:
+            remedy = (
+                f"set FINFLOW_TOPIC_PARTITIONS={count}"
+                if topic.created
+                else f"the state it holds is placed by that count: give the input topics {count}"
+                " partitions, or start from empty state under another FINFLOW_APP_ID"
+            )
             raise ConfigError(
                 f"FINFLOW_TOPIC_PARTITIONS={conf.topic_partitions} but topic {topic.name!r}"
-                f" has {count} partitions; set FINFLOW_TOPIC_PARTITIONS={count}"
+                f" has {count} partitions; {remedy}"
             )
 
 
