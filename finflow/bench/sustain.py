@@ -63,15 +63,21 @@ async def _readable(http: aiohttp.ClientSession, url: str, sent: float, out: Sam
     """Poll the marker's window until it reads count 1; record send-to-readable seconds.
 
     The poll interval grows with the wait (5 % of it, 20-200 ms): the answer is at most ~5 %
-    late, and a slow worker is not buried under polls of the markers piling up.
+    late, and a slow worker is not buried under polls of the markers piling up. A marker not
+    readable when its poll times out or is cancelled (the run's budget ended the phase) is
+    counted as missing.
     """
-    while (waited := time.time() - sent) < MARKER_TIMEOUT_S:
-        with contextlib.suppress(aiohttp.ClientError, ValueError):
-            async with http.get(url) as resp:
-                if resp.status == 200 and orjson.loads(await resp.read()).get("count") == 1:
-                    out.readable.append(time.time() - sent)
-                    return
-        await asyncio.sleep(min(MARKER_POLL_MAX_S, max(MARKER_POLL_S, waited * 0.05)))
+    try:
+        while (waited := time.time() - sent) < MARKER_TIMEOUT_S:
+            with contextlib.suppress(aiohttp.ClientError, ValueError):
+                async with http.get(url) as resp:
+                    if resp.status == 200 and orjson.loads(await resp.read()).get("count") == 1:
+                        out.readable.append(time.time() - sent)
+                        return
+            await asyncio.sleep(min(MARKER_POLL_MAX_S, max(MARKER_POLL_S, waited * 0.05)))
+    except asyncio.CancelledError:
+        out.markers_missing += 1
+        raise
     out.markers_missing += 1
 
 
@@ -124,9 +130,11 @@ async def _markers(
         await asyncio.gather(*polls, return_exceptions=True)  # in-flight markers finish
     finally:
         stopped.set()
-        out.markers_missing += sum(not task.done() for task in polls)
-        for task in list(polls):
+        # Cancelled with the phase: the polls still running count themselves as missing once
+        # they end (a cancelled gather above has already ended them), before the phase reports.
+        for task in polls:
             task.cancel()
+        await asyncio.gather(*polls, return_exceptions=True)
         await producer.stop()
 
 

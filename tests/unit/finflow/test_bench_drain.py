@@ -51,3 +51,88 @@ async def test_a_slow_scrape_does_not_carry_the_drain_past_its_end() -> None:
     waited = time.monotonic() - started
     assert 1.0 <= waited < 1.3  # not the 1.4 s that waiting out the scrape would take
     assert scrape.total(ACCEPTED) == 2  # the last scrape that answered in time
+
+
+class NeverReadable:
+    """The HTTP session the markers poll: the worker never shows a marker (count 0)."""
+
+    class _Answer:
+        status = 200
+
+        async def read(self) -> bytes:
+            return b'{"count": 0}'
+
+        async def __aenter__(self) -> NeverReadable._Answer:
+            return self
+
+        async def __aexit__(self, *exc: object) -> None:
+            return None
+
+    def get(self, url: str) -> NeverReadable._Answer:
+        return self._Answer()
+
+
+class Producer:
+    """The markers' producer, without a broker."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        pass
+
+    async def start(self) -> None:
+        pass
+
+    async def send(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
+class Marked:
+    bootstrap = "127.0.0.1:1"
+    url = "http://127.0.0.1:1"
+
+
+async def test_markers_still_polled_when_the_budget_ends_the_phase_count_as_missing(
+    monkeypatch: Any,
+) -> None:
+    """The phase's end cancels the markers while their last polls run (the run's budget ended
+    the drain): each marker sent is then either read or missing, none left out."""
+    monkeypatch.setattr(sustain, "AIOKafkaProducer", Producer)
+    out = sustain.Samples()
+    stop, stopped = asyncio.Event(), asyncio.Event()
+    markers = asyncio.ensure_future(
+        sustain._markers(Marked(), NeverReadable(), "t", 0.01, out, stop, stopped)  # type: ignore[arg-type]
+    )
+    await asyncio.sleep(0.1)
+    stop.set()
+    await stopped.wait()  # no more markers: the last polls are running
+    await asyncio.sleep(0.05)
+    markers.cancel()
+    await asyncio.gather(markers, return_exceptions=True)
+    assert out.markers_sent >= 3
+    assert out.readable == []
+    assert out.markers_missing == out.markers_sent
+
+
+async def test_markers_cancelled_while_sending_count_their_polls_as_missing(
+    monkeypatch: Any,
+) -> None:
+    monkeypatch.setattr(sustain, "AIOKafkaProducer", Producer)
+    out = sustain.Samples()
+    markers = asyncio.ensure_future(
+        sustain._markers(
+            Marked(),  # type: ignore[arg-type]
+            NeverReadable(),  # type: ignore[arg-type]
+            "t",
+            0.01,
+            out,
+            asyncio.Event(),
+            asyncio.Event(),
+        )
+    )
+    await asyncio.sleep(0.1)
+    markers.cancel()
+    await asyncio.gather(markers, return_exceptions=True)
+    assert out.markers_sent >= 3
+    assert out.markers_missing == out.markers_sent
