@@ -203,25 +203,26 @@ async def closed_loop(
     seed: int,
     sample: Callable[[], Awaitable[dict[str, float]]],
 ) -> Load:
-    """``clients`` concurrent loops of ``call`` for ``warmup_s`` + ``seconds``.
+    """``clients`` concurrent loops of ``call``: a warm-up, then ``seconds`` counted.
 
     Requests started in the warm-up (connections opening) are not counted. ``sample`` is
-    taken when the counted time begins and after the last request.
+    taken when the warm-up ends, and the counted time begins once it is in: a sample slower
+    than the measurement (a busy machine) cannot fall after the requests it should precede.
+    It is taken again after the last request.
     """
     load = Load()
-    begin = time.perf_counter() + warmup_s
-    end = begin + seconds
-    finished = [begin]
+    window = [math.inf, math.inf]  # begin and end of the counted time, once the sample is in
+    finished: list[float] = []
 
     async def client(i: int) -> None:
         rng = random.Random(seed * 1000 + i)  # noqa: S311 - reproducible request order
-        while (started := time.perf_counter()) < end:
+        while (started := time.perf_counter()) < window[1]:
             try:
                 problem = await call(rng)
             except _LOAD_ERRORS as exc:
                 problem = repr(exc)
             took = time.perf_counter() - started
-            if started < begin:
+            if started < window[0]:
                 continue
             if problem is None:
                 load.latencies.append(took)
@@ -231,15 +232,18 @@ async def closed_loop(
                 await asyncio.sleep(0.001)  # a refusing server does not get a busy loop
         finished.append(time.perf_counter())
 
-    async def at_begin() -> dict[str, float]:
-        await asyncio.sleep(max(0.0, begin - time.perf_counter()))
-        return await sample()
+    async def clock() -> None:
+        await asyncio.sleep(warmup_s)
+        load.before = await sample()
+        window[0] = time.perf_counter()
+        window[1] = window[0] + seconds
 
-    first = asyncio.ensure_future(at_begin())
-    await asyncio.gather(*(client(i) for i in range(clients)))
-    load.before = await first
+    async with asyncio.TaskGroup() as group:  # a failed sample ends the clients too
+        group.create_task(clock())
+        for i in range(clients):
+            group.create_task(client(i))
     load.after = await sample()
-    load.seconds = max(finished) - begin
+    load.seconds = max(finished, default=window[0]) - window[0]
     return load
 
 
@@ -344,15 +348,12 @@ class Phase:
         return {"worker": self.worker.pid, **{n: a.pid for n, a in self.apis.items()}}
 
     async def snapshot(self) -> dict[str, float]:
-        """Cumulative counters: CPU of every process, applied records, cache lookups."""
-        out = {"t": time.perf_counter(), "cpu.client": time.process_time()}
-        out["cpu.machine"] = machine_busy_s()
-        for name, pid in self.processes.items():
-            out[f"cpu.{name}"] = process_cpu_s(pid)
-        if self.load_proc is not None:
-            out["cpu.loadgen"] = process_cpu_s(self.load_proc.pid)
-        info = await self.redis.info("cpu")
-        out["cpu.redis"] = float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+        """Cumulative counters: cache lookups, applied records, CPU of every process.
+
+        The clock and the CPU are read last, so that the time a slow scrape takes is not in
+        the counted time that begins when the first snapshot is in.
+        """
+        out: dict[str, float] = {}
         for name, url in [("worker", self.worker.url), *((n, a.url) for n, a in self.apis.items())]:
             async with self.http.get(f"{url}/metrics") as resp:
                 scrape = prom.parse(await resp.text(), time.monotonic())
@@ -360,6 +361,14 @@ class Phase:
                 out[f"cache.{name}.{labels['result']}"] = value
             if name == "worker":
                 out["accepted"] = scrape.total(ACCEPTED)
+        info = await self.redis.info("cpu")
+        out["cpu.redis"] = float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+        out["t"], out["cpu.client"] = time.perf_counter(), time.process_time()
+        out["cpu.machine"] = machine_busy_s()
+        for name, pid in self.processes.items():
+            out[f"cpu.{name}"] = process_cpu_s(pid)
+        if self.load_proc is not None:
+            out["cpu.loadgen"] = process_cpu_s(self.load_proc.pid)
         return out
 
     async def applied(self) -> float:
