@@ -146,7 +146,9 @@ async def _drain(
     comes first (a worker that cannot keep up leaves records behind; they are reported).
 
     A worker far behind answers ``/metrics`` slowly (seconds, between its batches): a scrape
-    still running at the end is abandoned, so only the first one may end past it.
+    still running at the end is abandoned, so only the first one may end past it. A scrape
+    that fails (the connection dropped) is tried again until the drain ends; the run fails
+    only if no scrape answered by then.
     """
     deadline = min(time.monotonic() + DRAIN_TIMEOUT_S, until)
     last: prom.Scrape | None = None
@@ -159,6 +161,13 @@ async def _drain(
             if last is None:  # only later scrapes have a timeout
                 raise
             return last
+        except aiohttp.ClientError:
+            if time.monotonic() > deadline:
+                if last is None:
+                    raise
+                return last
+            await asyncio.sleep(0.1)
+            continue
         if scrape.total(ACCEPTED) >= want or time.monotonic() > deadline:
             return scrape
         last = scrape
@@ -181,7 +190,7 @@ async def phase(
     """Produce at ``rate`` for ``seconds`` with ``finflow.loadgen`` while measuring, then wait
     for the records to be applied (at most until ``drain_until``, see :func:`_drain`)."""
     samples = Samples()
-    before = await worker.scrape(http)
+    before = await _drain(worker, http, want=0)  # the first scrape that answers
     spec = Spec(
         count=max(1, int(rate * seconds)),
         accounts=accounts,

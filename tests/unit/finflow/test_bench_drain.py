@@ -7,6 +7,9 @@ import asyncio
 import time
 from typing import Any
 
+import aiohttp
+import pytest
+
 from finflow.bench import prom, sustain
 from finflow.bench.pipeline import ACCEPTED
 
@@ -51,6 +54,35 @@ async def test_a_slow_scrape_does_not_carry_the_drain_past_its_end() -> None:
     waited = time.monotonic() - started
     assert 1.0 <= waited < 1.3  # not the 1.4 s that waiting out the scrape would take
     assert scrape.total(ACCEPTED) == 2  # the last scrape that answered in time
+
+
+class Dropping(Applying):
+    """A worker whose first ``drops`` scrapes lose their connection (a busy worker's server)."""
+
+    def __init__(self, per_scrape: float, drops: int) -> None:
+        super().__init__(per_scrape)
+        self.drops = drops
+
+    async def scrape(self, http: Any) -> prom.Scrape:
+        if self.drops > 0:
+            self.drops -= 1
+            raise aiohttp.ServerDisconnectedError()
+        return await super().scrape(http)
+
+
+async def test_a_dropped_scrape_is_tried_again_not_the_end_of_the_run() -> None:
+    worker = Dropping(per_scrape=5, drops=2)
+    scrape = await sustain._drain(worker, None, want=10)  # type: ignore[arg-type]
+    assert scrape.total(ACCEPTED) == 10
+    assert worker.drops == 0
+
+
+async def test_a_worker_that_never_answers_fails_the_drain_at_its_end() -> None:
+    worker = Dropping(per_scrape=5, drops=10**6)
+    started = time.monotonic()
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await sustain._drain(worker, None, want=10, until=started + 0.3)  # type: ignore[arg-type]
+    assert 0.3 <= time.monotonic() - started < 1.0
 
 
 class NeverReadable:
