@@ -238,10 +238,14 @@ async def closed_loop(
         window[0] = time.perf_counter()
         window[1] = window[0] + seconds
 
-    async with asyncio.TaskGroup() as group:  # a failed sample ends the clients too
-        group.create_task(clock())
-        for i in range(clients):
-            group.create_task(client(i))
+    loops = asyncio.gather(*(client(i) for i in range(clients)))
+    try:
+        await clock()
+    except BaseException:  # a failed sample ends the clients too, and fails the measurement
+        loops.cancel()
+        await asyncio.gather(loops, return_exceptions=True)
+        raise
+    await loops
     load.after = await sample()
     load.seconds = max(finished, default=window[0]) - window[0]
     return load

@@ -43,3 +43,19 @@ async def test_a_sample_slower_than_the_measurement_still_precedes_the_counted_r
     # measurement was read after its last request: the counters showed none of them.
     assert counted <= load.delta("answered") <= counted + 4
     assert 0.2 <= load.seconds < 0.2 + 0.1
+
+
+async def test_a_failed_sample_fails_the_measurement_with_its_own_error() -> None:
+    server = Server(0.0)
+
+    async def broken() -> dict[str, float]:
+        raise ConnectionResetError("the worker's /metrics")
+
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(
+            closed_loop(server.call, clients=2, seconds=0.2, warmup_s=0.05, seed=1, sample=broken),
+            timeout=5,
+        )
+    answered = server.answered
+    await asyncio.sleep(0.05)
+    assert server.answered == answered  # the clients stopped with it
