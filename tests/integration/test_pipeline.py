@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from finflow.loadgen import BAD_KINDS, Record, Spec, generate
+from models.aggregates import format_ms
 from tests.integration.checks import (
     assert_database_exact,
     assert_exact,
@@ -272,6 +273,47 @@ async def test_extreme_valid_input_neither_stops_nor_stalls_the_worker(tmp_path:
             assert stored is not None
             assert stored[0]["CLF"][:2] == [1_000, -9_999_999_999_999_999_000]  # exact in jsonb
             assert worker.running
+        finally:
+            worker.stop()
+
+
+async def test_alerts_newest_first_by_event_time_and_limited(tmp_path: Path) -> None:
+    """``/alerts?limit=N``: the N alerts of the newest transactions first, whatever order the
+    transactions arrived in, each in the contract's alert JSON and as the alerts topic has it."""
+    minute = int(time.time() * 1000) // 60_000 * 60_000 - 10 * 60_000
+    event_ms = {"t-mid": minute + 2 * 60_000, "t-new": minute + 4 * 60_000, "t-old": minute}
+    records = [_txn("acct-alerts", t, "20000.00", "USD", ms) for t, ms in event_ms.items()]
+    with own_broker(tmp_path) as bootstrap, fresh_database(tmp_path) as db:
+        worker = Worker(bootstrap, tmp_path, "w0", new_app_id(), database=db).start()
+        try:
+            await worker.wait_ready()
+            await produce(bootstrap, records)
+            url = f"{worker.url}/accounts/acct-alerts/alerts"
+            async with aiohttp.ClientSession() as http:
+
+                async def all_stored() -> bool:
+                    status, body = await get_json(http, url)
+                    return status == 200 and len(body["alerts"]) >= 3
+
+                await wait_until(worker, all_stored, 60)
+                status, every = await get_json(http, url)
+                status_2, first_2 = await get_json(http, f"{url}?limit=2")
+            assert (status, status_2) == (200, 200)
+            alerts = every["alerts"]
+            times = [a["event_time"] for a in alerts]
+            assert times == sorted(times, reverse=True)  # RFC 3339 UTC with ms: sorts as text
+            high = [a["transaction_id"] for a in alerts if a["rule"] == "high_value"]
+            assert high == ["t-new", "t-mid", "t-old"]
+            assert first_2 == {"account_id": "acct-alerts", "alerts": alerts[:2]}
+            keys = {"alert_id", "rule", "severity", "account_id", "transaction_id"}
+            keys |= {"event_time", "detected_at", "details"}
+            for alert in alerts:
+                assert set(alert) == keys
+                assert alert["severity"] in ("low", "medium", "high")
+                assert alert["event_time"] == format_ms(event_ms[alert["transaction_id"]])
+            published = await consume_all(bootstrap, "alerts", len(alerts))
+            on_topic = {a["alert_id"]: a for a in (orjson.loads(m.value) for m in published)}
+            assert {a["alert_id"]: a for a in alerts} == on_topic
         finally:
             worker.stop()
 
