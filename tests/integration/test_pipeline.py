@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -161,49 +162,43 @@ async def test_late_events_count_in_the_windows_still_kept(tmp_path: Path) -> No
     now = int(time.time() * 1000)
     late = {"t-3d": now - 3 * DAY_MS, "t-10d": now - 10 * DAY_MS, "t-now": now}
     records = [_txn("acct-late", txid, "7.25", "EUR", ms) for txid, ms in late.items()]
-    with own_broker(tmp_path) as bootstrap, fresh_database(tmp_path) as db:
-        worker = Worker(bootstrap, tmp_path, "w0", new_app_id(), database=db).start()
-        try:
-            await worker.wait_ready()
-            await produce(bootstrap, records)
-            base = f"{worker.url}/accounts/acct-late/aggregates"
-            async with aiohttp.ClientSession() as http:
+    async with one_worker(tmp_path, records) as (_, db, worker):
+        base = f"{worker.url}/accounts/acct-late/aggregates"
+        async with aiohttp.ClientSession() as http:
 
-                async def newest_counted() -> bool:
-                    status, body = await get_json(http, f"{base}?window=1m&at={now}")
-                    return status == 200 and body["count"] == 1
+            async def newest_counted() -> bool:
+                status, body = await get_json(http, f"{base}?window=1m&at={now}")
+                return status == 200 and body["count"] == 1
 
-                await wait_until(worker, newest_counted, 60)
-                counts = {}
-                for txid, ms in late.items():
-                    for window in ("1m", "1h", "1d"):
-                        status, body = await get_json(http, f"{base}?window={window}&at={ms}")
-                        assert status == 200, body
-                        counts[txid, window] = body["count"]
-            assert counts == {
-                ("t-now", "1m"): 1,
-                ("t-now", "1h"): 1,
-                ("t-now", "1d"): 1,
-                ("t-3d", "1m"): 0,  # the minute window is kept for two days
-                ("t-3d", "1h"): 1,
-                ("t-3d", "1d"): 1,
-                ("t-10d", "1m"): 0,
-                ("t-10d", "1h"): 0,  # the hour window is kept for 8 days
-                ("t-10d", "1d"): 1,
-            }
-            assert worker.running
-            with psycopg.connect(db) as conn:
-                stored = conn.execute(
-                    "SELECT window_size, count(*) FROM finflow.window_snapshots"
-                    " WHERE account_id = 'acct-late' GROUP BY window_size"
-                ).fetchall()
-                txns = conn.execute(
-                    "SELECT count(*) FROM finflow.transactions WHERE account_id = 'acct-late'"
-                ).fetchone()
-            assert dict(stored) == {"1m": 1, "1h": 2, "1d": 3}
-            assert txns == (3,)
-        finally:
-            worker.stop()
+            await wait_until(worker, newest_counted, 60)
+            counts = {}
+            for txid, ms in late.items():
+                for window in ("1m", "1h", "1d"):
+                    status, body = await get_json(http, f"{base}?window={window}&at={ms}")
+                    assert status == 200, body
+                    counts[txid, window] = body["count"]
+        assert counts == {
+            ("t-now", "1m"): 1,
+            ("t-now", "1h"): 1,
+            ("t-now", "1d"): 1,
+            ("t-3d", "1m"): 0,  # the minute window is kept for two days
+            ("t-3d", "1h"): 1,
+            ("t-3d", "1d"): 1,
+            ("t-10d", "1m"): 0,
+            ("t-10d", "1h"): 0,  # the hour window is kept for 8 days
+            ("t-10d", "1d"): 1,
+        }
+        assert worker.running
+        with psycopg.connect(db) as conn:
+            stored = conn.execute(
+                "SELECT window_size, count(*) FROM finflow.window_snapshots"
+                " WHERE account_id = 'acct-late' GROUP BY window_size"
+            ).fetchall()
+            txns = conn.execute(
+                "SELECT count(*) FROM finflow.transactions WHERE account_id = 'acct-late'"
+            ).fetchone()
+        assert dict(stored) == {"1m": 1, "1h": 2, "1d": 3}
+        assert txns == (3,)
 
 
 def _txn(account: str, txid: str, amount: str, currency: str, ms: int) -> Record:
@@ -227,54 +222,42 @@ async def test_extreme_valid_input_neither_stops_nor_stalls_the_worker(tmp_path:
     records.append(_txn("acct-zeros", "z1", "0" * 5_000 + "1.00", "USD", minute))
     records.append(_txn("nul\x00acct", "n1", "20000.00", "USD", minute))  # high_value alert
     records.append(_txn("acct-after", "a1", "3.00", "USD", minute + 1))
-    with own_broker(tmp_path) as bootstrap, fresh_database(tmp_path) as db:
-        worker = Worker(bootstrap, tmp_path, "w0", new_app_id(), database=db).start()
-        try:
-            await worker.wait_ready()
-            await produce(bootstrap, records)
-            at = f"window=1m&at={minute}"
-            async with aiohttp.ClientSession() as http:
+    async with one_worker(tmp_path, records) as (_, db, worker):
+        at = f"window=1m&at={minute}"
+        async with aiohttp.ClientSession() as http:
 
-                async def last_stored_and_ready() -> bool:
-                    # /readyz answers 503 while database writes fail
-                    ready, _ = await get_json(http, f"{worker.url}/readyz")
-                    return ready == 200 and bool(dict(_database_counts(db)).get("acct-after"))
+            async def last_stored_and_ready() -> bool:
+                # /readyz answers 503 while database writes fail
+                ready, _ = await get_json(http, f"{worker.url}/readyz")
+                return ready == 200 and bool(dict(_database_counts(db)).get("acct-after"))
 
-                await wait_until(worker, last_stored_and_ready, 90)
-                status, body = await get_json(
-                    http, f"{worker.url}/accounts/acct-wide/aggregates?{at}"
-                )
-                assert status == 200
-                assert body["count"] == 1_000
-                clf = body["currencies"]["CLF"]
-                assert clf["sum"] == "-999999999999999.9000"  # 1,000 x -999999999999.9999
-                assert (clf["min"], clf["max"], clf["mean"]) == (big, big, big)
-                status, body = await get_json(
-                    http, f"{worker.url}/accounts/acct-zeros/aggregates?{at}"
-                )
-                assert (status, body["currencies"]["USD"]["sum"]) == (200, "1.00")
-                status, body = await get_json(
-                    http, f"{worker.url}/accounts/nul%00acct/aggregates?{at}"
-                )
-                assert (status, body["count"]) == (200, 1)
-                status, body = await get_json(http, f"{worker.url}/accounts/nul%00acct/alerts")
-                assert status == 200
-                assert [a["rule"] for a in body["alerts"]] == ["high_value"]
-                status, body = await get_json(
-                    http,
-                    f"{worker.url}/accounts/acct-wide/aggregates?window=1d&at=9999-12-31T12:00:00Z",
-                )
-                assert (status, body["error"]) == (400, "invalid_parameter")
-            with psycopg.connect(db) as conn:
-                stored = conn.execute(
-                    "SELECT currencies FROM finflow.window_snapshots"
-                    " WHERE account_id = 'acct-wide' AND window_size = '1m'"
-                ).fetchone()
-            assert stored is not None
-            assert stored[0]["CLF"][:2] == [1_000, -9_999_999_999_999_999_000]  # exact in jsonb
-            assert worker.running
-        finally:
-            worker.stop()
+            await wait_until(worker, last_stored_and_ready, 90)
+            status, body = await get_json(http, f"{worker.url}/accounts/acct-wide/aggregates?{at}")
+            assert status == 200
+            assert body["count"] == 1_000
+            clf = body["currencies"]["CLF"]
+            assert clf["sum"] == "-999999999999999.9000"  # 1,000 x -999999999999.9999
+            assert (clf["min"], clf["max"], clf["mean"]) == (big, big, big)
+            status, body = await get_json(http, f"{worker.url}/accounts/acct-zeros/aggregates?{at}")
+            assert (status, body["currencies"]["USD"]["sum"]) == (200, "1.00")
+            status, body = await get_json(http, f"{worker.url}/accounts/nul%00acct/aggregates?{at}")
+            assert (status, body["count"]) == (200, 1)
+            status, body = await get_json(http, f"{worker.url}/accounts/nul%00acct/alerts")
+            assert status == 200
+            assert [a["rule"] for a in body["alerts"]] == ["high_value"]
+            status, body = await get_json(
+                http,
+                f"{worker.url}/accounts/acct-wide/aggregates?window=1d&at=9999-12-31T12:00:00Z",
+            )
+            assert (status, body["error"]) == (400, "invalid_parameter")
+        with psycopg.connect(db) as conn:
+            stored = conn.execute(
+                "SELECT currencies FROM finflow.window_snapshots"
+                " WHERE account_id = 'acct-wide' AND window_size = '1m'"
+            ).fetchone()
+        assert stored is not None
+        assert stored[0]["CLF"][:2] == [1_000, -9_999_999_999_999_999_000]  # exact in jsonb
+        assert worker.running
 
 
 async def test_alerts_newest_first_by_event_time_and_limited(tmp_path: Path) -> None:
@@ -283,39 +266,33 @@ async def test_alerts_newest_first_by_event_time_and_limited(tmp_path: Path) -> 
     minute = int(time.time() * 1000) // 60_000 * 60_000 - 10 * 60_000
     event_ms = {"t-mid": minute + 2 * 60_000, "t-new": minute + 4 * 60_000, "t-old": minute}
     records = [_txn("acct-alerts", t, "20000.00", "USD", ms) for t, ms in event_ms.items()]
-    with own_broker(tmp_path) as bootstrap, fresh_database(tmp_path) as db:
-        worker = Worker(bootstrap, tmp_path, "w0", new_app_id(), database=db).start()
-        try:
-            await worker.wait_ready()
-            await produce(bootstrap, records)
-            url = f"{worker.url}/accounts/acct-alerts/alerts"
-            async with aiohttp.ClientSession() as http:
+    async with one_worker(tmp_path, records) as (bootstrap, _, worker):
+        url = f"{worker.url}/accounts/acct-alerts/alerts"
+        async with aiohttp.ClientSession() as http:
 
-                async def all_stored() -> bool:
-                    status, body = await get_json(http, url)
-                    return status == 200 and len(body["alerts"]) >= 3
+            async def all_stored() -> bool:
+                status, body = await get_json(http, url)
+                return status == 200 and len(body["alerts"]) >= 3
 
-                await wait_until(worker, all_stored, 60)
-                status, every = await get_json(http, url)
-                status_2, first_2 = await get_json(http, f"{url}?limit=2")
-            assert (status, status_2) == (200, 200)
-            alerts = every["alerts"]
-            times = [a["event_time"] for a in alerts]
-            assert times == sorted(times, reverse=True)  # RFC 3339 UTC with ms: sorts as text
-            high = [a["transaction_id"] for a in alerts if a["rule"] == "high_value"]
-            assert high == ["t-new", "t-mid", "t-old"]
-            assert first_2 == {"account_id": "acct-alerts", "alerts": alerts[:2]}
-            keys = {"alert_id", "rule", "severity", "account_id", "transaction_id"}
-            keys |= {"event_time", "detected_at", "details"}
-            for alert in alerts:
-                assert set(alert) == keys
-                assert alert["severity"] in ("low", "medium", "high")
-                assert alert["event_time"] == format_ms(event_ms[alert["transaction_id"]])
-            published = await consume_all(bootstrap, "alerts", len(alerts))
-            on_topic = {a["alert_id"]: a for a in (orjson.loads(m.value) for m in published)}
-            assert {a["alert_id"]: a for a in alerts} == on_topic
-        finally:
-            worker.stop()
+            await wait_until(worker, all_stored, 60)
+            status, every = await get_json(http, url)
+            status_2, first_2 = await get_json(http, f"{url}?limit=2")
+        assert (status, status_2) == (200, 200)
+        alerts = every["alerts"]
+        times = [a["event_time"] for a in alerts]
+        assert times == sorted(times, reverse=True)  # RFC 3339 UTC with ms: sorts as text
+        high = [a["transaction_id"] for a in alerts if a["rule"] == "high_value"]
+        assert high == ["t-new", "t-mid", "t-old"]
+        assert first_2 == {"account_id": "acct-alerts", "alerts": alerts[:2]}
+        keys = {"alert_id", "rule", "severity", "account_id", "transaction_id"}
+        keys |= {"event_time", "detected_at", "details"}
+        for alert in alerts:
+            assert set(alert) == keys
+            assert alert["severity"] in ("low", "medium", "high")
+            assert alert["event_time"] == format_ms(event_ms[alert["transaction_id"]])
+        published = await consume_all(bootstrap, "alerts", len(alerts))
+        on_topic = {a["alert_id"]: a for a in (orjson.loads(m.value) for m in published)}
+        assert {a["alert_id"]: a for a in alerts} == on_topic
 
 
 async def test_batches_compressed_by_upstream_producers_are_read(tmp_path: Path) -> None:
@@ -333,6 +310,21 @@ async def test_batches_compressed_by_upstream_producers_are_read(tmp_path: Path)
                 await produce(bootstrap, records[index :: len(codecs)], compression=codec)
             await wait_counted([worker.url], ref, timeout=90)
             assert worker.running
+        finally:
+            worker.stop()
+
+
+@asynccontextmanager
+async def one_worker(
+    tmp_path: Path, records: list[Record]
+) -> AsyncIterator[tuple[str, str, Worker]]:
+    """A fresh broker and database, one ready worker (storage on), ``records`` produced."""
+    with own_broker(tmp_path) as bootstrap, fresh_database(tmp_path) as db:
+        worker = Worker(bootstrap, tmp_path, "w0", new_app_id(), database=db).start()
+        try:
+            await worker.wait_ready()
+            await produce(bootstrap, records)
+            yield bootstrap, db, worker
         finally:
             worker.stop()
 
