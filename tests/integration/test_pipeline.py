@@ -73,6 +73,8 @@ async def test_stream_matches_reference_and_dead_letters(tmp_path: Path) -> None
             await assert_history(urls, ref)
 
             dlq = await consume_all(bootstrap, "transactions-dlq", len(bad))
+            source = await consume_all(bootstrap, "transactions", len(records))
+            at = {(m.partition, m.offset): m.value for m in source}
             by_value = {r.value: r for r in bad}
             assert len({(m.partition, m.offset) for m in dlq}) == len(bad)
             for msg in dlq:
@@ -81,7 +83,12 @@ async def test_stream_matches_reference_and_dead_letters(tmp_path: Path) -> None
                 assert msg.key == original.key
                 assert headers["finflow.error.reason"].decode() == original.kind
                 assert headers["finflow.source.topic"] == b"transactions"
-                assert int(headers["finflow.source.offset"]) >= 0
+                # where the record is: the same bytes at that partition and offset
+                where = (
+                    int(headers["finflow.source.partition"]),
+                    int(headers["finflow.source.offset"]),
+                )
+                assert at[where] == msg.value
                 assert headers["finflow.error.message"]
             assert {m.value for m in dlq} == set(by_value)
 
