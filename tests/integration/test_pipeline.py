@@ -298,6 +298,7 @@ async def test_alerts_newest_first_by_event_time_and_limited(tmp_path: Path) -> 
             assert alert["severity"] in ("low", "medium", "high")
             assert alert["event_time"] == format_ms(event_ms[alert["transaction_id"]])
         published = await consume_all(bootstrap, "alerts", len(alerts))
+        assert {m.key for m in published} == {b"acct-alerts"}  # keyed by account id
         on_topic = {a["alert_id"]: a for a in (orjson.loads(m.value) for m in published)}
         assert {a["alert_id"]: a for a in alerts} == on_topic
 
