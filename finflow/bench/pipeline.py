@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import subprocess
@@ -19,6 +20,8 @@ from typing import Any
 import aiohttp
 import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from finflow import tansu
 from finflow.bench import prom
@@ -29,6 +32,7 @@ from finflow.bench.workload import free_port
 FINFLOW = str(Path(sys.executable).with_name("finflow"))
 ACCEPTED = "finflow_transactions_accepted_total"
 RECORDS = "finflow_records_total"
+CACHE_PUBLISHED = "finflow_cache_published_total"
 POLL_S = 0.1
 
 
@@ -192,6 +196,42 @@ async def fresh_database(conf: BenchConfig, log: Path) -> AsyncIterator[str]:
     finally:
         with psycopg.connect(conf.postgres_admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def redacted(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", url)
+
+
+@dataclass
+class CacheKeys:
+    """The Redis of a worker with the cache on; ``deleted`` its keys, once they are."""
+
+    redis: Redis
+    deleted: int = 0
+
+
+@asynccontextmanager
+async def cache_keys(conf: BenchConfig, app_id: str, what: str) -> AsyncIterator[CacheKeys]:
+    """Redis at ``conf.redis_url``, checked to answer; the keys under ``app_id`` (a worker's
+    or ``finflow api``'s cache) deleted afterwards."""
+    redis = Redis.from_url(conf.redis_url)
+    try:
+        await redis.ping()
+    except (RedisError, OSError) as exc:
+        await redis.aclose()
+        url = redacted(conf.redis_url)
+        raise BenchError(f"{what}: Redis at {url} does not answer: {exc!r}") from exc
+    keys = CacheKeys(redis)
+    try:
+        yield keys
+    finally:
+        with contextlib.suppress(RedisError, OSError):
+            found = [k async for k in redis.scan_iter(match=f"{app_id}:*", count=1000)]
+            for i in range(0, len(found), 1000):
+                await redis.delete(*found[i : i + 1000])
+            keys.deleted = len(found)
+        await redis.aclose()
 
 
 _FAUST_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")

@@ -29,7 +29,6 @@ import contextlib
 import math
 import os
 import random
-import re
 import subprocess
 import time
 import uuid
@@ -46,7 +45,15 @@ from yarl import URL
 
 from finflow.bench import prom
 from finflow.bench.config import BenchConfig
-from finflow.bench.pipeline import ACCEPTED, FINFLOW, BenchProcess, Worker, fresh_database
+from finflow.bench.pipeline import (
+    ACCEPTED,
+    FINFLOW,
+    BenchProcess,
+    Worker,
+    cache_keys,
+    fresh_database,
+    redacted,
+)
 from finflow.bench.procs import BenchError, kill9, spawn, tail
 from finflow.bench.workload import Stream, free_port, fresh_broker, preproduce
 from finflow.cache import parse_owner
@@ -88,11 +95,6 @@ _LOAD_ERRORS = (aiohttp.ClientError, RedisError, OSError, TimeoutError)
 
 #: One request: None when it answered as expected, else what went wrong.
 Call = Callable[[random.Random], Awaitable[str | None]]
-
-
-def redacted(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", url)
 
 
 def process_cpu_s(pid: int) -> float:
@@ -528,13 +530,6 @@ async def same_answers(
             raise BenchError(f"reads: answers differ for {path}: {bodies}")
 
 
-async def delete_keys(redis: Redis, app_id: str) -> int:
-    keys = [k async for k in redis.scan_iter(match=f"{app_id}:*", count=1000)]
-    for i in range(0, len(keys), 1000):
-        await redis.delete(*keys[i : i + 1000])
-    return len(keys)
-
-
 async def phase(
     conf: BenchConfig, stream: Stream, capacity: float, work: Path, say: Callable[[str], None]
 ) -> dict[str, Any]:
@@ -545,15 +540,9 @@ async def phase(
         f"reads: fresh broker, {sub.stream.count} records of {sub.stream.accounts} accounts;"
         f" worker with the Redis cache (key prefix {app_id}:)"
     )
-    redis = Redis.from_url(conf.redis_url)
-    try:
-        await redis.ping()
-    except (RedisError, OSError) as exc:
-        await redis.aclose()
-        url = redacted(conf.redis_url)
-        raise BenchError(f"reads: Redis at {url} does not answer: {exc!r}") from exc
     setup: dict[str, float] = {}
-    try:
+    async with cache_keys(conf, app_id, "reads") as keys:
+        redis = keys.redis
         with fresh_broker(work / "tansu-reads.log") as bootstrap:
             setup["produce_s"] = await preproduce(bootstrap, sub.stream, conf.partitions)
             async with fresh_database(conf, work / "migrate.log") as database:
@@ -588,10 +577,7 @@ async def phase(
                         for api in apis.values():
                             api.stop()
                         worker.stop()
-    finally:
-        with contextlib.suppress(RedisError, OSError):
-            setup["keys_deleted"] = await delete_keys(redis, app_id)
-        await redis.aclose()
+    setup["keys_deleted"] = keys.deleted
     under = measured["cached_under_load"]["latency_ms"]["p99"]
     return {
         "config": {

@@ -16,7 +16,7 @@ LABELS = {
     TEXTBOOK: "textbook Faust (windowed table)",
     "quix_streams": "Quix Streams 3.28.1",
     "finflow_sink_off": "FinFlow, storage off",
-    "finflow_sink_on": "FinFlow, storage on",
+    "finflow_sink_on": "FinFlow, storage and cache on",
 }
 
 

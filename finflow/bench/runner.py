@@ -16,7 +16,9 @@ import aiohttp
 from finflow.bench import peers, raw, reads, report, sustain
 from finflow.bench.config import DISORDER_MS, EVENT_SPAN_S, BenchConfig
 from finflow.bench.pipeline import (
+    CACHE_PUBLISHED,
     Worker,
+    cache_keys,
     changelog_records,
     fresh_database,
     rebuild_seconds,
@@ -34,12 +36,14 @@ METHODS = {
     "(the agent times itself and writes a completion file), so start and group join are out",
     "quix_streams": "own venv and process, grace_ms = 2x the data's disorder; clock from the "
     "first window update to the last (final checkpoint reported apart)",
-    "finflow": "finflow worker, cache off; /metrics polled every 100 ms; rate = accepted "
-    "transactions between the first poll that saw one applied and the poll that saw all",
+    "finflow": "finflow worker: storage on = PostgreSQL and the Redis cache on (keys under its "
+    "own app id, deleted afterwards), storage off = both off; /metrics polled every 100 ms; "
+    "rate = accepted transactions between the first poll that saw one applied and the poll "
+    "that saw all",
     "measure_seconds": "every throughput contender is timed until it applied the whole stream "
     "or for measure_seconds after its first record ('complete' says which)",
     "sustained": "loadgen at fractions of FinFlow's storage-on rate, on a fresh broker, "
-    "database and worker (storage on, cache off); after each phase, up to 40 s for its records "
+    "database and worker (storage and cache on); after each phase, up to 40 s for its records "
     "to be applied, never past budget_s into the run (the rest is reported as unapplied)",
     "apply_latency": "finflow_produce_to_apply_seconds bucket deltas over the phase (send time "
     "from the finflow.sent_at header), interpolated within buckets",
@@ -150,9 +154,17 @@ class Run:
         )
         return result | {"versions": self.quix_versions}
 
-    def _worker(self, bootstrap: str, name: str, database: str | None) -> Worker:
-        app_id = f"bench-{name}-{uuid.uuid4().hex[:6]}"
-        return Worker(self.conf, bootstrap, self.work, name, app_id, database)
+    def _worker(
+        self, bootstrap: str, name: str, database: str | None, *, app_id: str | None = None
+    ) -> Worker:
+        """A worker with storage and the Redis cache on (``database`` given), or both off."""
+        app_id = app_id or self._app_id(name)
+        redis_url = self.conf.redis_url if database else None
+        return Worker(self.conf, bootstrap, self.work, name, app_id, database, redis_url)
+
+    @staticmethod
+    def _app_id(name: str) -> str:
+        return f"bench-{name}-{uuid.uuid4().hex[:6]}"
 
     async def _finflow_off(self, bootstrap: str) -> dict[str, Any]:
         worker = self._worker(bootstrap, "finflow-off", None)
@@ -180,13 +192,21 @@ class Run:
         return result
 
     async def _finflow_on(self, bootstrap: str) -> dict[str, Any]:
-        async with fresh_database(self.conf, self.work / "migrate.log") as database:
-            worker = self._worker(bootstrap, "finflow-on", database)
+        app_id = self._app_id("finflow-on")
+        async with (
+            cache_keys(self.conf, app_id, "finflow_sink_on") as keys,
+            fresh_database(self.conf, self.work / "migrate.log") as database,
+        ):
+            worker = self._worker(bootstrap, "finflow-on", database, app_id=app_id)
             async with aiohttp.ClientSession() as http:
                 try:
-                    return await self._measure(worker, http)
+                    result = await self._measure(worker, http)
+                    published = (await worker.scrape(http)).total(CACHE_PUBLISHED)
                 finally:
                     worker.stop()
+        if published <= 0:
+            raise BenchError("finflow_sink_on: the worker wrote nothing to the Redis cache")
+        return result | {"cache_published": published, "cache_keys_deleted": keys.deleted}
 
     async def read_path(self, capacity: float) -> None:
         """The read path (:mod:`finflow.bench.reads`). A failure is kept in the results, and
@@ -200,13 +220,18 @@ class Run:
             self.say(f"reads: not measured: {str(exc)[:300]}")
 
     async def sustained(self, capacity: float) -> None:
-        """Fixed fractions of ``capacity`` on a fresh broker, database and worker (storage on):
+        """Fixed fractions of ``capacity`` on a fresh broker, database and worker (storage and
+        cache on):
         no backlog of the throughput run left behind, no memory of it in the broker."""
-        self.say("sustained: fresh broker, database and worker (storage on)")
+        self.say("sustained: fresh broker, database and worker (storage and cache on)")
+        app_id = self._app_id("finflow-sustained")
         with fresh_broker(self.work / "tansu-sustained.log") as bootstrap:
             await create_topic(bootstrap, self.conf.partitions)
-            async with fresh_database(self.conf, self.work / "migrate.log") as database:
-                worker = self._worker(bootstrap, "finflow-sustained", database)
+            async with (
+                cache_keys(self.conf, app_id, "sustained"),
+                fresh_database(self.conf, self.work / "migrate.log") as database,
+            ):
+                worker = self._worker(bootstrap, "finflow-sustained", database, app_id=app_id)
                 async with aiohttp.ClientSession() as http:
                     worker.start()
                     try:

@@ -74,6 +74,9 @@ def test_every_throughput_is_positive(smoke: tuple[subprocess.CompletedProcess[s
         figures = results["contenders"][name]
         assert positive(figures["per_worker_msg_per_s"])
         assert positive(figures["start_to_ready_s"])
+    on = results["contenders"]["finflow_sink_on"]  # storage and the Redis cache on
+    assert on["cache_published"] > 0
+    assert on["cache_keys_deleted"] > 0  # written to Redis, and removed after the run
 
 
 def test_ratios_match_the_figures(smoke: tuple[subprocess.CompletedProcess[str], Any]) -> None:
