@@ -205,7 +205,7 @@ def start_secure_broker(
 
     Passwords reach the front on its stdin, never on a command line or in a file.
     """
-    inner = _free_port()
+    inner = free_port()
     broker = start_broker(inner, log_path=log_path, advertised_port=port)
     try:
         wait_ready(HOST, inner, timeout, proc=broker)
@@ -250,10 +250,30 @@ def _start_front(
     return front
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+#: Where the kernel picks the local ports of outgoing connections (Linux's default range).
+_EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST_PORT = 10_000
+
+
+def free_port(host: str = HOST) -> int:
+    """A port free on ``host`` now, below the range the kernel takes outgoing connections'
+    ports from: a port the kernel picks (``bind(0)``) is in that range, and any connection
+    opened before the caller binds it (another process's to the broker or the database) can
+    take it, so the bind then fails with "address already in use"."""
+    try:
+        first_ephemeral = int(_EPHEMERAL.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        first_ephemeral = 32_768
+    rng = secrets.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(_LOWEST_PORT, max(first_ephemeral, _LOWEST_PORT + 1))
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port on {host} in {_LOWEST_PORT}-{first_ephemeral - 1}")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from finflow import devbroker
 from finflow.bench.config import DISORDER_MS, EVENT_SPAN_S, BenchConfig
+from finflow.devbroker import free_port
 from finflow.loadgen import Spec, generate
 
 TOPIC = "transactions"
@@ -51,12 +51,6 @@ def make_stream(conf: BenchConfig, now_ms: int | None = None) -> Stream:
     )
     records = [(r.key or b"", r.value) for r in generate(spec)]
     return Stream(records, conf.accounts, end - span_ms - DISORDER_MS, end)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((devbroker.HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -27,16 +26,10 @@ class TopicFactory(Protocol):
     ) -> str: ...
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((devbroker.HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Bootstrap address ``127.0.0.1:PORT`` of a tansu broker started for this session."""
-    port = _free_port()
+    port = devbroker.free_port()
     log_path = Path(tmp_path_factory.mktemp("tansu")) / "tansu.log"
     proc = devbroker.start_broker(port, log_path=str(log_path))
     try:
