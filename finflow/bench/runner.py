@@ -9,6 +9,8 @@ import platform
 import shutil
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -17,6 +19,7 @@ from finflow.bench import peers, raw, reads, report, sustain
 from finflow.bench.config import DISORDER_MS, EVENT_SPAN_S, BenchConfig
 from finflow.bench.pipeline import (
     CACHE_PUBLISHED,
+    CacheKeys,
     Worker,
     cache_keys,
     changelog_records,
@@ -154,20 +157,31 @@ class Run:
         )
         return result | {"versions": self.quix_versions}
 
-    def _worker(
-        self, bootstrap: str, name: str, database: str | None, *, app_id: str | None = None
-    ) -> Worker:
-        """A worker with storage and the Redis cache on (``database`` given), or both off."""
-        app_id = app_id or self._app_id(name)
-        redis_url = self.conf.redis_url if database else None
-        return Worker(self.conf, bootstrap, self.work, name, app_id, database, redis_url)
+    def _worker(self, bootstrap: str, name: str) -> Worker:
+        """A worker with storage and the Redis cache off."""
+        app_id = f"bench-{name}-{uuid.uuid4().hex[:6]}"
+        return Worker(self.conf, bootstrap, self.work, name, app_id)
 
-    @staticmethod
-    def _app_id(name: str) -> str:
-        return f"bench-{name}-{uuid.uuid4().hex[:6]}"
+    @asynccontextmanager
+    async def _stored_worker(
+        self, bootstrap: str, name: str
+    ) -> AsyncIterator[tuple[Worker, CacheKeys]]:
+        """A worker with storage and the Redis cache on: a fresh database, and its Redis keys
+        deleted afterwards."""
+        app_id = f"bench-{name}-{uuid.uuid4().hex[:6]}"
+        async with (
+            cache_keys(self.conf, app_id, name) as keys,
+            fresh_database(self.conf, self.work / "migrate.log") as database,
+        ):
+            yield (
+                Worker(
+                    self.conf, bootstrap, self.work, name, app_id, database, self.conf.redis_url
+                ),
+                keys,
+            )
 
     async def _finflow_off(self, bootstrap: str) -> dict[str, Any]:
-        worker = self._worker(bootstrap, "finflow-off", None)
+        worker = self._worker(bootstrap, "finflow-off")
         async with aiohttp.ClientSession() as http:
             try:
                 result = await self._measure(worker, http)
@@ -192,18 +206,15 @@ class Run:
         return result
 
     async def _finflow_on(self, bootstrap: str) -> dict[str, Any]:
-        app_id = self._app_id("finflow-on")
         async with (
-            cache_keys(self.conf, app_id, "finflow_sink_on") as keys,
-            fresh_database(self.conf, self.work / "migrate.log") as database,
+            self._stored_worker(bootstrap, "finflow-on") as (worker, keys),
+            aiohttp.ClientSession() as http,
         ):
-            worker = self._worker(bootstrap, "finflow-on", database, app_id=app_id)
-            async with aiohttp.ClientSession() as http:
-                try:
-                    result = await self._measure(worker, http)
-                    published = (await worker.scrape(http)).total(CACHE_PUBLISHED)
-                finally:
-                    worker.stop()
+            try:
+                result = await self._measure(worker, http)
+                published = (await worker.scrape(http)).total(CACHE_PUBLISHED)
+            finally:
+                worker.stop()
         if published <= 0:
             raise BenchError("finflow_sink_on: the worker wrote nothing to the Redis cache")
         return result | {"cache_published": published, "cache_keys_deleted": keys.deleted}
@@ -224,21 +235,18 @@ class Run:
         cache on):
         no backlog of the throughput run left behind, no memory of it in the broker."""
         self.say("sustained: fresh broker, database and worker (storage and cache on)")
-        app_id = self._app_id("finflow-sustained")
         with fresh_broker(self.work / "tansu-sustained.log") as bootstrap:
             await create_topic(bootstrap, self.conf.partitions)
             async with (
-                cache_keys(self.conf, app_id, "sustained"),
-                fresh_database(self.conf, self.work / "migrate.log") as database,
+                self._stored_worker(bootstrap, "finflow-sustained") as (worker, _),
+                aiohttp.ClientSession() as http,
             ):
-                worker = self._worker(bootstrap, "finflow-sustained", database, app_id=app_id)
-                async with aiohttp.ClientSession() as http:
-                    worker.start()
-                    try:
-                        await worker.wait_status(http, "/readyz", READY_TIMEOUT_S)
-                        await self._phases(worker, http, capacity)
-                    finally:
-                        worker.stop()
+                worker.start()
+                try:
+                    await worker.wait_status(http, "/readyz", READY_TIMEOUT_S)
+                    await self._phases(worker, http, capacity)
+                finally:
+                    worker.stop()
 
     async def _phases(self, worker: Worker, http: aiohttp.ClientSession, capacity: float) -> None:
         if self.conf.warmup_s > 0:
