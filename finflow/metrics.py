@@ -39,6 +39,7 @@ ROCKSDB_MEMORY = Gauge(
     ["kind"],
 )
 READY = Gauge("finflow_ready", "1 when partitions are assigned and tables recovered")
+DATABASE_UP = Gauge("finflow_database_up", "0 while database writes are failing (retried)")
 SINK_BATCHES = Counter("finflow_sink_batches", "Batches committed to the database")
 SINK_ROWS = Counter("finflow_sink_rows", "Rows committed to the database", ["table"])
 SINK_SECONDS = Histogram("finflow_sink_batch_seconds", "Time to commit a batch", buckets=_LATENCY)

@@ -65,13 +65,13 @@ def is_ready() -> bool:
     return bool(recovery.completed.is_set() and not recovery.in_recovery and not app.rebalancing)
 
 
-def not_ready_reason() -> tuple[str, str] | None:
-    """Why ``/readyz`` answers 503, or None when ready."""
-    if not is_ready():
-        return "not_ready", "partitions are being assigned or tables recovered"
-    if settings.sink_enabled and not sink.healthy:
-        return "database_unavailable", f"database writes are failing: {sink.last_error}"
-    return None
+def database_status() -> dict[str, str]:
+    """The database writes' state, for ``/readyz`` and ``finflow_database_up``."""
+    if not settings.sink_enabled:
+        return {"database": "disabled"}
+    if sink.healthy:
+        return {"database": "ok"}
+    return {"database": "unavailable", "message": f"database writes are failing: {sink.last_error}"}
 
 
 def owned_partitions() -> set[int]:
@@ -207,7 +207,8 @@ class MetricsView(View):
     """Prometheus text exposition of this process's metrics."""
 
     async def get(self, request: Request) -> Response:
-        metrics.READY.set(1 if not_ready_reason() is None else 0)
+        metrics.READY.set(1 if is_ready() else 0)
+        metrics.DATABASE_UP.set(0 if database_status()["database"] == "unavailable" else 1)
         return self.bytes(generate_latest(), content_type=PROMETHEUS_TEXT)
 
 
@@ -221,13 +222,19 @@ class HealthView(View):
 
 @app.page("/readyz")
 class ReadyView(View):
-    """200 once partitions are assigned and tables recovered, 503 otherwise."""
+    """200 once partitions are assigned and tables recovered, 503 otherwise.
+
+    A database outage does not make a worker unready: its tables still answer every live
+    aggregate (as of the last batch it stored), and an outage hits every worker at once, so
+    a readiness probe that failed on it would take the whole API out of service. The body
+    says how the database writes stand; ``finflow_database_up`` is the metric for alerts.
+    """
 
     async def get(self, request: Request) -> Response:
-        reason = not_ready_reason()
-        if reason is None:
-            return self.json({"status": "ready"})
-        return self.json({"error": reason[0], "message": reason[1]}, status=503)
+        if not is_ready():
+            message = "partitions are being assigned or tables recovered"
+            return self.json({"error": "not_ready", "message": message}, status=503)
+        return self.json({"status": "ready", **database_status()})
 
 
 @app.page("/accounts/{account_id}/history")

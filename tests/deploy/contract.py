@@ -41,6 +41,7 @@ GAUGES = frozenset(
         "finflow_consumer_lag",
         "finflow_table_recovery_remaining",
         "finflow_ready",
+        "finflow_database_up",
         "finflow_rocksdb_memory_bytes",
         "process_resident_memory_bytes",  # prometheus-client's process collector
     }
