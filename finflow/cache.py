@@ -42,29 +42,38 @@ HEAD = 35  # bytes of the ordering header
 VERSION = 20  # bytes of its version part
 TICK_S = 0.25  # publisher flush and heartbeat period
 OWNER_TTL_MS = 15_000  # an owner that stops heartbeating is forgotten after this
-CHUNK = 500  # accounts per pipeline
+CHUNK = 200  # accounts per script call: ~1 ms of Redis time, so reads wait little behind it
 MAX_PENDING = 20_000  # unpublished accounts kept through an outage; beyond, resync from tables
 WRITE_TIMEOUT_S = 1.0  # the publisher runs in the background: a longer timeout for big pipelines
 LOG_EVERY_S = 60.0
 MAX_CONNECTIONS = 128
 BACKOFF_S = (0.25, 5.0)
 _VERSION_RE = re.compile(rb'\{"o":\[[-0-9,]*\],"v":(\d+),')
-_UPDATED_RE = re.compile(rb',"u":(\d+)\}\Z')
+_UPDATED = b',"u":'
 
 # Ordered by (version, updated ms): the version counts the account's transactions and only
 # grows; equal versions (changes that count nothing: duplicates, pruning) go to the later write.
-_PUT_STATE = """
-local head = string.sub(ARGV[1], 1, 35)
-local cur = redis.call('GETRANGE', KEYS[1], 0, 34)
-if cur ~= '' and cur >= head then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 0
+# One call writes a chunk of accounts: KEYS are (acct, derived) pairs, ARGV the TTL and then
+# one value per pair. A call per account cost the worker ~19 us of CPU per account in
+# redis-py's command building (with hiredis), a sixth of its time per record with storage on.
+_PUT_STATES = """
+local ttl = ARGV[1]
+local written = 0
+for i = 2, #ARGV do
+  local acct, derived, value = KEYS[2 * i - 3], KEYS[2 * i - 2], ARGV[i]
+  local head = string.sub(value, 1, 35)
+  local cur = redis.call('GETRANGE', acct, 0, 34)
+  if cur ~= '' and cur >= head then
+    redis.call('PEXPIRE', acct, ttl)
+  else
+    redis.call('SET', acct, value, 'PX', ttl)
+    if string.sub(cur, 1, 20) ~= string.sub(head, 1, 20) then
+      redis.call('DEL', derived)
+    end
+    written = written + 1
+  end
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if string.sub(cur, 1, 20) ~= string.sub(head, 1, 20) then
-  redis.call('DEL', KEYS[2])
-end
-return 1
+return written
 """
 # A derived body is stored only while the account is still at the version read before the
 # database query, so a body read before newer rows landed can never outlive their publish.
@@ -91,13 +100,15 @@ def header(version: int, updated_ms: int) -> bytes:
 
 def entry(state: bytes) -> bytes:
     """The stored value of an encoded AccountState: its header, then the state unchanged."""
-    v, u = _VERSION_RE.match(state), _UPDATED_RE.search(state)
-    if v is None or u is None:  # not the key order AccountState writes: decode to be sure
+    v = _VERSION_RE.match(state)
+    at = state.rfind(_UPDATED, -40)  # the last key (a regex search would scan the whole value)
+    updated = state[at + len(_UPDATED) : -1] if at >= 0 and state.endswith(b"}") else b""
+    if v is None or not updated.isdigit():  # not the layout AccountState writes: decode it
         decoded = AccountState.decode(state)
         if not isinstance(decoded.data, dict):
             raise ValueError("not an encoded AccountState")
         return header(decoded.version, decoded.updated_ms) + state
-    return header(int(v.group(1)), int(u.group(1))) + state
+    return header(int(v.group(1)), int(updated)) + state
 
 
 def now_ms() -> int:
@@ -275,20 +286,23 @@ class HotCache:
     async def put_states(
         self, items: Iterable[tuple[bytes, bytes]], owners: Mapping[int, bytes] | None = None
     ) -> None:
-        """Write account values (newer ones only) and owner records in one pipeline."""
+        """Write account values (newer ones only) and owner records in one round trip."""
+        acct, derived = self.key("acct", "").encode(), self.key("derived", "").encode()
+        keys: list[bytes] = []
+        args: list[bytes | int] = [self.ttl_ms]
+        for key, state in items:
+            try:
+                value = entry(state)
+            except (ValueError, KeyError, TypeError):
+                log.warning("not an account value, not cached: %r", key[:80])
+                continue
+            keys += (acct + key, derived + key)  # bytes: redis-py passes them through as-is
+            args.append(value)
 
         async def put(r: Redis) -> Any:
-            script = r.register_script(_PUT_STATE)
             pipe = r.pipeline(transaction=False)
-            for key, state in items:
-                try:
-                    value = entry(state)
-                except (ValueError, KeyError, TypeError):
-                    log.warning("not an account value, not cached: %r", key[:80])
-                    continue
-                account = key.decode()
-                keys = [self.key("acct", account), self.key("derived", account)]
-                await script(keys=keys, args=[value, self.ttl_ms], client=pipe)
+            if keys:
+                await r.register_script(_PUT_STATES)(keys=keys, args=args, client=pipe)
             for partition, value in (owners or {}).items():
                 pipe.set(self.key("owner", partition), value, px=OWNER_TTL_MS)
             return await pipe.execute()

@@ -114,6 +114,44 @@ def account_state(count: int, updated_ms: int) -> bytes:
     return state.encode()
 
 
+async def test_one_publish_orders_each_account_on_its_own() -> None:
+    """A chunk of accounts goes to Redis as one script call: every account in it is still
+    written only when newer, and only a changed version drops its derived bodies."""
+    app_id = new_app_id()
+    hot = HotCache(dataclasses.replace(from_env({}), app_id=app_id))
+    now = now_ms()
+    async with redis_keys(app_id) as r:
+        await hot.put_states([(b"b", account_state(5, now)), (b"c", account_state(3, now))])
+        for account in ("b", "c"):
+            await r.hset(f"{app_id}:derived:{account}", "alerts:5", b"body")
+        await hot.put_states(
+            [
+                (b"a", account_state(1, now)),
+                (b"b", account_state(4, now + 10)),  # older version: not written
+                (b"c", account_state(4, now + 10)),  # newer: written, derived dropped
+                (b"x", b"not an account value"),  # skipped, the rest still written
+                (b"d", account_state(2, now + 20)),
+            ],
+            owners={3: b"%d http://w:1" % now},
+        )
+        heads = {
+            account: await r.getrange(f"{app_id}:acct:{account}", 0, HEAD - 1)
+            for account in "abcdx"
+        }
+        assert heads == {
+            "a": header(1, now),
+            "b": header(5, now),
+            "c": header(4, now + 10),
+            "d": header(2, now + 20),
+            "x": b"",
+        }
+        assert await r.hget(f"{app_id}:derived:b", "alerts:5") == b"body"
+        assert await r.exists(f"{app_id}:derived:c") == 0
+        assert await r.get(f"{app_id}:owner:3") == b"%d http://w:1" % now
+        assert 0 < await r.pttl(f"{app_id}:acct:d") <= hot.ttl_ms
+    await hot.close()
+
+
 async def test_an_out_of_order_write_cannot_win() -> None:
     app_id = new_app_id()
     hot = HotCache(dataclasses.replace(from_env({}), app_id=app_id))
