@@ -42,7 +42,14 @@ def check_token(tokens: tuple[str, ...], header: str) -> None:
     given = token.strip().encode()
     ok = scheme.lower() == "bearer" and any(hmac.compare_digest(given, t.encode()) for t in tokens)
     if not ok:
-        raise ApiError(401, "unauthorized", "a valid bearer token is required")
+        # RFC 6750: a 401 names the scheme; a token that was sent and refused is invalid_token.
+        challenge = 'Bearer realm="finflow"' + (', error="invalid_token"' if header else "")
+        raise ApiError(
+            401,
+            "unauthorized",
+            "a valid bearer token is required",
+            headers={"WWW-Authenticate": challenge},
+        )
 
 
 def aggregates_render(query: Mapping[str, str]) -> Render:
@@ -89,8 +96,8 @@ def history_query(query: Mapping[str, str]) -> tuple[str, int, int, str]:
     name = params.window(query)
     start = params.instant_ms(query, "from", required=True)
     end = params.instant_ms(query, "to", required=True)
-    if end <= start:
-        raise params.bad("to", "must be after from")
+    if end < start:  # [from, to) with to == from is empty, not wrong
+        raise params.bad("to", "must not be before from")
     return name, start, end, f"history:{name}:{start}:{end}"
 
 
@@ -143,7 +150,9 @@ class ReadApi:
         try:
             response = await handler(request)
         except ApiError as exc:
-            response = web.json_response(error_body(exc), status=exc.status, dumps=_dumps)
+            response = web.json_response(
+                error_body(exc), status=exc.status, headers=exc.headers, dumps=_dumps
+            )
         resource = request.match_info.route.resource
         route = resource.canonical.replace("{account_id}", "{id}") if resource else "unmatched"
         metrics.HTTP_SECONDS.labels(route).observe(time.monotonic() - started)

@@ -14,8 +14,11 @@ class ConfigError(FinFlowError):
 class ApiError(FinFlowError):
     """An HTTP API error with a JSON body ``{"error": code, "message": ...}``."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers  # response headers the status calls for (WWW-Authenticate)

@@ -15,7 +15,8 @@ MAX_SPAN_MS = 1440 * MINUTE_MS
 #: Instants from the last day of year 9999 on are refused: the windows around them (a day
 #: window, a rolling span's end) end in year 10000, which RFC 3339 cannot write.
 LAST_INSTANT_MS = MAX_EPOCH_MS - WINDOW_SIZES["1d"]
-_SPAN_RE = re.compile(r"([1-9]\d{0,4})([mh])", re.ASCII)
+_SPAN_RE = re.compile(r"([1-9]\d{0,4})([mhd])", re.ASCII)
+_UNIT_MS = {"m": MINUTE_MS, "h": 60 * MINUTE_MS, "d": 1440 * MINUTE_MS}
 #: An RFC 3339 time whose ``+`` offset reached us as a space: a query string sent unencoded
 #: (``?at=2026-01-01T00:00:00+01:00`` from a shell) decodes ``+`` as a space.
 _PLUS_AS_SPACE = re.compile(r"(.+[Tt]\d\d:\d\d:\d\d(?:\.\d+)?) (\d\d:\d\d)", re.ASCII)
@@ -34,12 +35,12 @@ def window(query: Mapping[str, str]) -> str:
 
 
 def span_ms(query: Mapping[str, str]) -> int:
-    """The ``span`` parameter: whole minutes or hours from 1m to 24h (required)."""
+    """The ``span`` parameter: whole minutes, hours or days from 1m to 24h (``1d``)."""
     value = query.get("span", "")
     match = _SPAN_RE.fullmatch(value)
     if match is None:
-        raise bad("span", "must look like 10m or 2h")
-    ms = int(match.group(1)) * (MINUTE_MS if match.group(2) == "m" else 60 * MINUTE_MS)
+        raise bad("span", "must look like 10m, 2h or 1d")
+    ms = int(match.group(1)) * _UNIT_MS[match.group(2)]
     if not MINUTE_MS <= ms <= MAX_SPAN_MS:
         raise bad("span", "must be from 1m to 24h")
     return ms

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -36,13 +37,16 @@ from finflow.sink import HISTORY_LIMIT
 from models.aggregates import CurrencyStats, format_ms
 from tables.state import AccountState
 
+log = logging.getLogger(__name__)
 FORWARDED = "X-FinFlow-Forwarded"
 PROMETHEUS_TEXT = "text/plain; version=0.0.4"  # aiohttp adds the charset itself
 _TIMEOUT = aiohttp.ClientTimeout(total=5)
 
 
 def error(view: View, exc: ApiError) -> Response:
-    return view.json({"error": exc.code, "message": exc.message}, status=exc.status)
+    return view.json(
+        {"error": exc.code, "message": exc.message}, status=exc.status, headers=exc.headers
+    )
 
 
 async def measured(route: str, handler: Awaitable[Response]) -> Response:
@@ -167,7 +171,9 @@ async def forward(view: View, request: Request, tp: TP) -> Response:
             return view.text(text, content_type="application/json", status=resp.status)
     except (OSError, TimeoutError, aiohttp.ClientError) as exc:
         # ClientError: the owner closed the connection mid-answer (a restart), a broken reply
-        raise ApiError(503, "owner_unreachable", f"owner worker unreachable: {exc!r}") from None
+        log.info("forward to the owner of %s at %s failed: %r", tp, url, exc)
+        message = "the worker that owns the account's partition did not answer; retry shortly"
+        raise ApiError(503, "owner_unreachable", message) from None
 
 
 @app.page("/accounts/{account_id}/aggregates")

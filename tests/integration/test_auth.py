@@ -31,6 +31,14 @@ async def status(http: aiohttp.ClientSession, url: str, token: str | None) -> tu
         return resp.status, body.get("error", "") if isinstance(body, dict) else ""
 
 
+async def challenge(http: aiohttp.ClientSession, url: str, token: str | None) -> str | None:
+    """The ``WWW-Authenticate`` header of a 401 (RFC 6750 requires it)."""
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    async with http.get(url, headers=headers) as resp:
+        assert resp.status == 401
+        return resp.headers.get("WWW-Authenticate")
+
+
 async def test_tokens_guard_every_protected_route(tmp_path: Path) -> None:
     with own_broker(tmp_path) as bootstrap, fresh_database(tmp_path) as db:
         worker = Worker(
@@ -48,6 +56,10 @@ async def test_tokens_guard_every_protected_route(tmp_path: Path) -> None:
                     url = worker.url + path
                     assert await status(http, url, None) == (401, "unauthorized"), path
                     assert await status(http, url, "wrong") == (401, "unauthorized"), path
+                    assert await challenge(http, url, None) == 'Bearer realm="finflow"'
+                    assert await challenge(http, url, "wrong") == (
+                        'Bearer realm="finflow", error="invalid_token"'
+                    )
                     for good in ("s3cret-one", "s3cret-two"):
                         code, error = await status(http, url, good)
                         assert (code, error) == (404, "unknown_account"), path  # past auth

@@ -44,3 +44,5 @@ async def test_an_owner_failing_mid_answer_is_a_503(monkeypatch: Any, owner: Any
         await app.http_client.close()
         app._http_client = None  # type: ignore[attr-defined]
     assert (raised.value.status, raised.value.code) == (503, "owner_unreachable")
+    assert "retry" in raised.value.message
+    assert "127.0.0.1" not in raised.value.message  # no internal address or exception text

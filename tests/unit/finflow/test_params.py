@@ -57,6 +57,7 @@ def test_bad_window(query: dict[str, str]) -> None:
         ("90m", 90 * MIN),
         ("1440m", 1440 * MIN),
         ("24h", 1440 * MIN),
+        ("1d", 1440 * MIN),  # the contract's 24h bound, in days
     ],
 )
 def test_span(value: str, ms: int) -> None:
@@ -75,7 +76,8 @@ def test_span(value: str, ms: int) -> None:
         "10",
         "10s",
         "60000ms",
-        "1d",
+        "2d",
+        "1D",
         "-5m",
         "10 m",
         "1.5h",
