@@ -43,6 +43,11 @@ VERSION = 20  # bytes of its version part
 TICK_S = 0.25  # publisher flush and heartbeat period
 OWNER_TTL_MS = 15_000  # an owner that stops heartbeating is forgotten after this
 CHUNK = 200  # accounts per script call: ~1 ms of Redis time, so reads wait little behind it
+#: Accounts per round trip of a resync (a flush sends all pending values in one: at most
+#: MAX_PENDING). The publisher gets one round trip per turn of the event loop, which the
+#: ingest agent holds for a whole batch: one chunk per round trip published ~200 accounts per
+#: ~5,000-account batch, overflowed ``pending`` and fell back to resyncs of whole partitions.
+RESYNC_ROUND_TRIP = 5_000
 MAX_PENDING = 20_000  # unpublished accounts kept through an outage; beyond, resync from tables
 WRITE_TIMEOUT_S = 1.0  # the publisher runs in the background: a longer timeout for big pipelines
 LOG_EVERY_S = 60.0
@@ -286,23 +291,29 @@ class HotCache:
     async def put_states(
         self, items: Iterable[tuple[bytes, bytes]], owners: Mapping[int, bytes] | None = None
     ) -> None:
-        """Write account values (newer ones only) and owner records in one round trip."""
+        """Write account values (newer ones only) and owner records in one round trip: a
+        script call per :data:`CHUNK` accounts."""
         acct, derived = self.key("acct", "").encode(), self.key("derived", "").encode()
+        calls: list[tuple[list[bytes], list[bytes | int]]] = []
         keys: list[bytes] = []
-        args: list[bytes | int] = [self.ttl_ms]
+        args: list[bytes | int] = []
         for key, state in items:
             try:
                 value = entry(state)
             except (ValueError, KeyError, TypeError):
                 log.warning("not an account value, not cached: %r", key[:80])
                 continue
+            if not args or len(args) > CHUNK:
+                keys, args = [], [self.ttl_ms]
+                calls.append((keys, args))
             keys += (acct + key, derived + key)  # bytes: redis-py passes them through as-is
             args.append(value)
 
         async def put(r: Redis) -> Any:
             pipe = r.pipeline(transaction=False)
-            if keys:
-                await r.register_script(_PUT_STATES)(keys=keys, args=args, client=pipe)
+            script = r.register_script(_PUT_STATES)
+            for keys, args in calls:
+                await script(keys=keys, args=args, client=pipe)
             for partition, value in (owners or {}).items():
                 pipe.set(self.key("owner", partition), value, px=OWNER_TTL_MS)
             return await pipe.execute()
@@ -380,9 +391,7 @@ class Publisher(Service):
         }
         pairs = list(items.items())
         try:
-            for i in range(0, max(len(pairs), 1), CHUNK):
-                last = i + CHUNK >= len(pairs)
-                await self.cache.put_states(pairs[i : i + CHUNK], owners if last else None)
+            await self.cache.put_states(pairs, owners)
         except CacheUnavailable:
             self.pending = {**items, **self.pending}  # values submitted meanwhile are newer
             self._bound()
@@ -397,8 +406,8 @@ class Publisher(Service):
             # Read at once: the partition's store may be closed by a rebalance while we wait.
             revocations, items = self.revocations, self.scan(partition)
             try:
-                for i in range(0, len(items), CHUNK):
-                    await self.cache.put_states(items[i : i + CHUNK])
+                for i in range(0, len(items), RESYNC_ROUND_TRIP):
+                    await self.cache.put_states(items[i : i + RESYNC_ROUND_TRIP])
             except CacheUnavailable:
                 return
             metrics.CACHE_PUBLISHED.labels("resync").inc(len(items))

@@ -21,6 +21,7 @@ import pytest
 from redis.asyncio import Redis
 
 from agents.processor import key_partition
+from finflow import cache
 from finflow.api import account_body, aggregates_render, rolling_render
 from finflow.cache import HEAD, HotCache, header, now_ms
 from finflow.loadgen import Spec, generate
@@ -114,9 +115,14 @@ def account_state(count: int, updated_ms: int) -> bytes:
     return state.encode()
 
 
-async def test_one_publish_orders_each_account_on_its_own() -> None:
-    """A chunk of accounts goes to Redis as one script call: every account in it is still
-    written only when newer, and only a changed version drops its derived bodies."""
+@pytest.mark.parametrize("chunk", [2, cache.CHUNK])
+async def test_one_publish_orders_each_account_on_its_own(
+    monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """Accounts go to Redis a chunk per script call, the calls of a publish in one round
+    trip: every account is still written only when newer, and only a changed version drops
+    its derived bodies."""
+    monkeypatch.setattr(cache, "CHUNK", chunk)
     app_id = new_app_id()
     hot = HotCache(dataclasses.replace(from_env({}), app_id=app_id))
     now = now_ms()

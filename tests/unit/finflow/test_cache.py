@@ -149,6 +149,7 @@ class FakeCache:
         self.down = False
         self.written: dict[bytes, bytes] = {}
         self.owners: dict[int, bytes] = {}
+        self.round_trips = 0
 
     def available(self) -> bool:
         return not self.down
@@ -156,6 +157,7 @@ class FakeCache:
     async def put_states(self, items: Any, owners: dict[int, bytes] | None = None) -> None:
         if self.down:
             raise CacheUnavailable("error")
+        self.round_trips += 1
         self.written.update(items)
         self.owners.update(owners or {})
 
@@ -175,6 +177,19 @@ async def test_publisher_keeps_the_newest_value_through_an_outage() -> None:
     fake.down = False
     await pub.flush()
     assert (fake.written, pub.pending) == ({b"a": b"v2", b"b": b"v1"}, {})
+
+
+async def test_a_flush_writes_every_pending_value_in_one_round_trip() -> None:
+    """The publisher gets one round trip per turn of the event loop, and the ingest agent
+    holds a turn for a whole batch: a flush that took a round trip per chunk fell behind a
+    busy worker until ``pending`` overflowed into resyncs of whole partitions."""
+    fake = FakeCache()
+    pub = publisher(fake, {0}, {})
+    for batch in range(4):
+        pub.submit({0: {b"%d-%d" % (batch, i): b"v" for i in range(cache.MAX_PENDING // 5)}})
+    await pub.flush()
+    assert (len(fake.written), fake.round_trips, pub.pending) == (4 * cache.MAX_PENDING // 5, 1, {})
+    assert fake.owners == {0: b"0 http://w1:1"}
 
 
 async def test_owner_record_carries_a_sync_time_only_after_a_resync() -> None:
