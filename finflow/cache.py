@@ -43,11 +43,11 @@ VERSION = 20  # bytes of its version part
 TICK_S = 0.25  # publisher flush and heartbeat period
 OWNER_TTL_MS = 15_000  # an owner that stops heartbeating is forgotten after this
 CHUNK = 200  # accounts per script call: ~1 ms of Redis time, so reads wait little behind it
-#: Accounts per round trip of a resync (a flush sends all pending values in one: at most
-#: MAX_PENDING). The publisher gets one round trip per turn of the event loop, which the
-#: ingest agent holds for a whole batch: one chunk per round trip published ~200 accounts per
-#: ~5,000-account batch, overflowed ``pending`` and fell back to resyncs of whole partitions.
-RESYNC_ROUND_TRIP = 5_000
+#: Accounts per pipeline. A flush sends its pipelines at once, each on a connection of its
+#: own: the publisher gets a turn of the event loop per batch the ingest agent processes, and
+#: one round trip after another (of 500 accounts) fell behind ~5,000-account batches until
+#: ``pending`` overflowed into resyncs of whole partitions.
+ROUND_TRIP = 5_000
 MAX_PENDING = 20_000  # unpublished accounts kept through an outage; beyond, resync from tables
 WRITE_TIMEOUT_S = 1.0  # the publisher runs in the background: a longer timeout for big pipelines
 LOG_EVERY_S = 60.0
@@ -391,7 +391,11 @@ class Publisher(Service):
         }
         pairs = list(items.items())
         try:
-            await self.cache.put_states(pairs, owners)
+            await _all(
+                self.cache.put_states(pairs[i : i + ROUND_TRIP])
+                for i in range(0, len(pairs), ROUND_TRIP)
+            )
+            await self.cache.put_states((), owners)  # last: a sync time means all is written
         except CacheUnavailable:
             self.pending = {**items, **self.pending}  # values submitted meanwhile are newer
             self._bound()
@@ -406,13 +410,21 @@ class Publisher(Service):
             # Read at once: the partition's store may be closed by a rebalance while we wait.
             revocations, items = self.revocations, self.scan(partition)
             try:
-                for i in range(0, len(items), RESYNC_ROUND_TRIP):
-                    await self.cache.put_states(items[i : i + RESYNC_ROUND_TRIP])
+                for i in range(0, len(items), ROUND_TRIP):
+                    await self.cache.put_states(items[i : i + ROUND_TRIP])
+                    await self.flush()  # values changed meanwhile: pending stays small
             except CacheUnavailable:
                 return
             metrics.CACHE_PUBLISHED.labels("resync").inc(len(items))
             if revocations == self.revocations and partition in self.owned():
                 self.synced.add(partition)
+
+
+async def _all(calls: Iterable[Awaitable[None]]) -> None:
+    """Await the calls together; once all have ended, raise the first failure."""
+    for result in await asyncio.gather(*calls, return_exceptions=True):
+        if isinstance(result, BaseException):
+            raise result
 
 
 _publisher: Publisher | None = None

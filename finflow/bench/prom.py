@@ -18,9 +18,13 @@ class Scrape:
     at: float
     samples: Mapping[str, list[tuple[dict[str, str], float]]] = field(default_factory=dict)
 
-    def total(self, name: str) -> float:
-        """Sum of every sample named ``name`` (all label sets)."""
-        return sum(value for _, value in self.samples.get(name, []))
+    def total(self, name: str, **labels: str) -> float:
+        """Sum of the samples named ``name`` that carry ``labels`` (all of them without)."""
+        return sum(
+            value
+            for found, value in self.samples.get(name, [])
+            if all(found.get(k) == v for k, v in labels.items())
+        )
 
     def buckets(self, name: str) -> dict[float, float]:
         """Cumulative counts of histogram ``name`` by upper bound (``inf`` included)."""

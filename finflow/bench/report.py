@@ -210,6 +210,13 @@ def summary(results: Mapping[str, Any]) -> str:
             f"  of which RocksDB (memtables, block cache, table readers):"
             f" {rocks['start_mb']:.0f} -> {rocks['end_mb']:.0f} MB (max {rocks['max_mb']:.0f})"
         )
+    stored = results.get("contenders", {}).get("finflow_sink_on", {})
+    if "cache_published_by_resync" in stored:
+        lines.append(
+            f"Redis cache (storage and cache on): {stored['cache_published']:,.0f} account values"
+            f" written, {stored['cache_published_by_resync']:,.0f} of them by resyncs of whole"
+            " partitions (a publisher that fell behind)"
+        )
     lines += [
         f"recovery after kill -9: /readyz 200 after {rec['start_to_ready_s']:.1f} s, of which"
         f" {rec['changelog_read_s']:.1f} s reading {rec['changelog_records']:,} changelog records"

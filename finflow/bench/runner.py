@@ -212,12 +212,18 @@ class Run:
         ):
             try:
                 result = await self._measure(worker, http)
-                published = (await worker.scrape(http)).total(CACHE_PUBLISHED)
+                scrape = await worker.scrape(http)
             finally:
                 worker.stop()
+        published = scrape.total(CACHE_PUBLISHED)
         if published <= 0:
             raise BenchError("finflow_sink_on: the worker wrote nothing to the Redis cache")
-        return result | {"cache_published": published, "cache_keys_deleted": keys.deleted}
+        return result | {
+            "cache_published": published,
+            # Values a publisher that fell behind wrote again from whole partitions.
+            "cache_published_by_resync": scrape.total(CACHE_PUBLISHED, source="resync"),
+            "cache_keys_deleted": keys.deleted,
+        }
 
     async def read_path(self, capacity: float) -> None:
         """The read path (:mod:`finflow.bench.reads`). A failure is kept in the results, and

@@ -60,6 +60,7 @@ def test_exit_code_and_table(smoke: tuple[subprocess.CompletedProcess[str], Any]
     assert "read path (8 clients" in done.stdout
     assert "cached: finflow api from Redis" in done.stdout
     assert "target p99 < 10 ms for cached reads" in done.stdout
+    assert "Redis cache (storage and cache on):" in done.stdout
 
 
 def test_every_throughput_is_positive(smoke: tuple[subprocess.CompletedProcess[str], Any]) -> None:
@@ -76,6 +77,7 @@ def test_every_throughput_is_positive(smoke: tuple[subprocess.CompletedProcess[s
         assert positive(figures["start_to_ready_s"])
     on = results["contenders"]["finflow_sink_on"]  # storage and the Redis cache on
     assert on["cache_published"] > 0
+    assert 0 <= on["cache_published_by_resync"] <= on["cache_published"]
     assert on["cache_keys_deleted"] > 0  # written to Redis, and removed after the run
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -179,17 +180,75 @@ async def test_publisher_keeps_the_newest_value_through_an_outage() -> None:
     assert (fake.written, pub.pending) == ({b"a": b"v2", b"b": b"v1"}, {})
 
 
-async def test_a_flush_writes_every_pending_value_in_one_round_trip() -> None:
-    """The publisher gets one round trip per turn of the event loop, and the ingest agent
-    holds a turn for a whole batch: a flush that took a round trip per chunk fell behind a
-    busy worker until ``pending`` overflowed into resyncs of whole partitions."""
+class SlowCache(FakeCache):
+    """Round trips that end only when the test lets them (``done``), and what is in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done = asyncio.Event()
+        self.in_flight: list[int] = []  # values per round trip started and not yet ended
+        self.order: list[str] = []
+
+    async def put_states(self, items: Any, owners: dict[int, bytes] | None = None) -> None:
+        items = list(items)
+        self.in_flight.append(len(items))
+        await self.done.wait()
+        self.order.append("owners" if owners else "values")
+        await super().put_states(items, owners)
+
+
+async def test_a_flush_sends_its_round_trips_at_once_and_the_owner_records_last() -> None:
+    """The publisher gets one turn of the event loop per batch the ingest agent processes: a
+    flush that sent one round trip after another fell behind a busy worker until ``pending``
+    overflowed into resyncs of whole partitions. A sync time in an owner record means every
+    value before it is written, so the owner records go once the values are in."""
+    fake = SlowCache()
+    pub = publisher(fake, {0}, {})
+    count = 3 * cache.ROUND_TRIP + 1
+    pub.submit({0: {b"%d" % i: b"v" for i in range(count)}})
+    flushing = asyncio.create_task(pub.flush())
+    for _ in range(5):  # a few turns of the loop, no round trip ends: all are under way
+        await asyncio.sleep(0)
+    assert fake.in_flight == [cache.ROUND_TRIP] * 3 + [1]
+    fake.done.set()
+    await flushing
+    assert fake.order == ["values"] * 4 + ["owners"]
+    assert (len(fake.written), pub.pending, fake.owners) == (count, {}, {0: b"0 http://w1:1"})
+
+
+async def test_a_failed_round_trip_keeps_every_value_of_the_flush_pending() -> None:
     fake = FakeCache()
     pub = publisher(fake, {0}, {})
-    for batch in range(4):
-        pub.submit({0: {b"%d-%d" % (batch, i): b"v" for i in range(cache.MAX_PENDING // 5)}})
+    calls = 0
+
+    async def put_states(items: Any, owners: dict[int, bytes] | None = None) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise CacheUnavailable("error")
+
+    fake.put_states = put_states  # type: ignore[method-assign]
+    values = {b"%d" % i: b"v" for i in range(2 * cache.ROUND_TRIP)}
+    pub.submit({0: values})
     await pub.flush()
-    assert (len(fake.written), fake.round_trips, pub.pending) == (4 * cache.MAX_PENDING // 5, 1, {})
-    assert fake.owners == {0: b"0 http://w1:1"}
+    assert pub.pending == values  # sent again with the next flush (only newer ones are kept)
+
+
+async def test_a_resync_flushes_between_its_round_trips() -> None:
+    """Values that change while a big partition is resynced go out too, so ``pending`` does
+    not overflow into another resync."""
+    fake = FakeCache()
+    table = {0: [(b"%d" % i, b"s") for i in range(2 * cache.ROUND_TRIP)]}
+    pub = publisher(fake, {0}, table)
+    scan = pub.scan
+
+    def scan_then_change(partition: int) -> list[tuple[bytes, bytes]]:
+        pub.submit({0: {b"new": b"v"}})  # committed while the resync runs
+        return scan(partition)
+
+    pub.scan = scan_then_change
+    await pub.resync()
+    assert (pub.synced, pub.pending, fake.written[b"new"]) == ({0}, {}, b"v")
 
 
 async def test_owner_record_carries_a_sync_time_only_after_a_resync() -> None:

@@ -100,12 +100,14 @@ def test_window(query: dict[str, str]) -> None:
 @example(query={"span": "1441m"})
 @example(query={"span": "24h"})
 @example(query={"span": "99999h"})
+@example(query={"span": "1d"})
+@example(query={"span": "2d"})
 def test_span(query: dict[str, str]) -> None:
     value = outcome(lambda: params.span_ms(query), "span")
     if value is not None:
-        match = re.fullmatch(r"([1-9][0-9]*)([mh])", query["span"])
+        match = re.fullmatch(r"([1-9][0-9]*)([mhd])", query["span"])
         assert match is not None
-        unit = MINUTE_MS if match.group(2) == "m" else 60 * MINUTE_MS
+        unit = {"m": MINUTE_MS, "h": 60 * MINUTE_MS, "d": 1440 * MINUTE_MS}[match.group(2)]
         assert value == int(match.group(1)) * unit
         assert MINUTE_MS <= value <= 24 * 60 * MINUTE_MS
 
