@@ -171,7 +171,7 @@ async def forward(view: View, request: Request, tp: TP) -> Response:
             return view.text(text, content_type="application/json", status=resp.status)
     except (OSError, TimeoutError, aiohttp.ClientError) as exc:
         # ClientError: the owner closed the connection mid-answer (a restart), a broken reply
-        log.info("forward to the owner of %s at %s failed: %r", tp, url, exc)
+        log.debug("forward to the owner of %s at %s failed: %r", tp, url, exc)  # 503 counted
         message = "the worker that owns the account's partition did not answer; retry shortly"
         raise ApiError(503, "owner_unreachable", message) from None
 
