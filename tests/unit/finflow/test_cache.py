@@ -150,7 +150,6 @@ class FakeCache:
         self.down = False
         self.written: dict[bytes, bytes] = {}
         self.owners: dict[int, bytes] = {}
-        self.round_trips = 0
 
     def available(self) -> bool:
         return not self.down
@@ -158,7 +157,6 @@ class FakeCache:
     async def put_states(self, items: Any, owners: dict[int, bytes] | None = None) -> None:
         if self.down:
             raise CacheUnavailable("error")
-        self.round_trips += 1
         self.written.update(items)
         self.owners.update(owners or {})
 
