@@ -151,10 +151,42 @@ async def test_one_publish_orders_each_account_on_its_own(
             "d": header(2, now + 20),
             "x": b"",
         }
+        d = account_state(2, now + 20)
+        assert await r.get(f"{app_id}:acct:d") == header(2, now + 20) + d  # the value as is
         assert await r.hget(f"{app_id}:derived:b", "alerts:5") == b"body"
         assert await r.exists(f"{app_id}:derived:c") == 0
         assert await r.get(f"{app_id}:owner:3") == b"%d http://w:1" % now
         assert 0 < await r.pttl(f"{app_id}:acct:d") <= hot.ttl_ms
+    await hot.close()
+
+
+async def test_an_error_reply_fails_the_publish_and_leaves_the_connection_in_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One script call of a publish gets an error reply (its account's key holds a hash):
+    the publish fails as a whole (its values stay pending with the publisher), the other
+    calls of the round trip still ran, and the connection's next round trip reads its own
+    replies, not leftovers."""
+    monkeypatch.setattr(cache, "CHUNK", 1)
+    monkeypatch.setattr(cache, "MAX_CONNECTIONS", 1)  # the next publish reuses the connection
+    app_id = new_app_id()
+    hot = HotCache(dataclasses.replace(from_env({}), app_id=app_id))
+    now = now_ms()
+    async with redis_keys(app_id) as r:
+        await r.hset(f"{app_id}:acct:bad", "field", "value")
+        with pytest.raises(cache.CacheUnavailable):
+            await hot.put_states(
+                [(b"bad", account_state(1, now)), (b"a", account_state(1, now))],
+                owners={0: b"%d http://w:1" % now},
+            )
+        assert await r.getrange(f"{app_id}:acct:a", 0, HEAD - 1) == header(1, now)
+        assert await r.get(f"{app_id}:owner:0") == b"%d http://w:1" % now
+        assert hot.writer is not None
+        assert await hot.writer.get(f"{app_id}:owner:0") == b"%d http://w:1" % now
+        hot.down_until = 0.0  # past the circuit breaker's pause
+        await hot.put_states([(b"c", account_state(2, now))], owners={0: b"%d u" % (now + 1)})
+        assert await r.getrange(f"{app_id}:acct:c", 0, HEAD - 1) == header(2, now)
+        assert await r.get(f"{app_id}:owner:0") == b"%d u" % (now + 1)
     await hot.close()
 
 
