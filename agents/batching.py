@@ -32,6 +32,8 @@ from typing import Any, cast
 from faust import Topic
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.types import TP, EventT, Message
+from faust.types.tuples import ack_lock
+from mode.utils.futures import notify
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +260,47 @@ async def _deliver_each(consumer: Any, tp: TP, fetched: list[Any], generation: i
         message = consumer._to_message(tp, record)
         await consumer.wait_first(consumer.callback(message), consumer.suspend_flow.wait())
         read_offset[tp] = record.offset
+
+
+def ack_all(consumer: Any, messages: list[Message]) -> int:
+    """``message.ack(consumer)`` for each of ``messages``, in order: the same bookkeeping as
+    Faust 0.15.3's ``Message.ack`` and ``Consumer.ack``, under one hold of its ``ack_lock``
+    and with one wake-up of a commit waiting for acks, instead of three lock holds, a
+    weak-set update and a wake-up per record (~5 % of the worker's main thread with storage
+    on). Returns the number of offsets newly marked safe to commit."""
+    acked_now = 0
+    with ack_lock:
+        topics = consumer.app.topics
+        committed_of, index_of, acked_of = (
+            consumer._committed_offset,
+            consumer._acked_index,
+            consumer._acked,
+        )
+        tracked = consumer._unacked_messages
+        for message in messages:
+            if message.acked:
+                continue
+            refcount = message.refcount = max(message.refcount - 1, 0)
+            if refcount:
+                continue
+            message.acked = True
+            if not topics.acks_enabled_for(message.topic):
+                continue
+            tp, offset = message.tp, message.offset
+            committed = committed_of[tp]
+            if committed is not None and offset < committed:
+                continue
+            index = index_of[tp]
+            if offset in index:
+                continue
+            if tracked:  # only messages delivered through Faust's conductor are tracked
+                tracked.discard(message)
+            index.add(offset)
+            acked_of[tp].append(offset)
+            acked_now += 1
+        consumer._n_acked += acked_now
+        notify(consumer._waiting_for_ack)
+    return acked_now
 
 
 WaitFirst = Callable[..., Awaitable[Any]]

@@ -9,7 +9,7 @@ from typing import Any
 
 from faust.types import TP
 
-from agents.batching import batch_drain, eager_delivery
+from agents.batching import ack_all, batch_drain, eager_delivery
 from agents.processor import Batch, IngestProcessor, MessageLike, Outputs, key_partition
 from agents.resume import seek_before_resume
 from agents.topology import (
@@ -188,9 +188,7 @@ async def store(messages: list[Any], batch: Batch, previous: asyncio.Task[None] 
             )
             processor.release(batch)
         await cache.publish(batch.writes)  # queued for a background writer; never blocks
-        consumer = app.consumer
-        for message in messages:
-            message.ack(consumer)
+        ack_all(app.consumer, messages)
         metrics.observe_batch(batch.result)
         positions.update(batch.result.positions)
     except asyncio.CancelledError:

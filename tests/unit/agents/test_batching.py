@@ -4,16 +4,20 @@ loop that fills it."""
 from __future__ import annotations
 
 import asyncio
+import copy
+import random
 from collections import defaultdict
 from collections.abc import Callable, Coroutine
 from types import SimpleNamespace
 from typing import Any
+from weakref import WeakSet
 
 import pytest
-from faust.types import TP
+from faust.transport.consumer import Consumer as FaustConsumer
+from faust.types import TP, ConsumerMessage, Message
 from mode import Service
 
-from agents.batching import BatchBuffer, batch_drain, eager_delivery
+from agents.batching import BatchBuffer, ack_all, batch_drain, eager_delivery
 
 pytestmark = pytest.mark.asyncio
 
@@ -303,3 +307,67 @@ async def test_batch_drain_waits_for_room_in_the_buffer() -> None:
     assert [m.offset for m in await buf.take(2, 0)] == [0, 1]
     await asyncio.wait_for(task, 5)
     assert [m.offset for m in buf.items] == [2]
+
+
+class _AckingConsumer:
+    """The state Faust's ``Consumer.ack`` keeps, with its own method bound to it."""
+
+    ack = FaustConsumer.ack
+
+    def __init__(self, committed: dict[TP, int]) -> None:
+        self.app = SimpleNamespace(
+            topics=SimpleNamespace(acks_enabled_for=lambda topic: topic != CHANGELOG)
+        )
+        self._committed_offset: dict[TP, int | None] = defaultdict(lambda: None, committed)
+        self._acked: dict[TP, list[int]] = defaultdict(list)
+        self._acked_index: dict[TP, set[int]] = defaultdict(set)
+        self._unacked_messages: WeakSet[Message] = WeakSet()
+        self._n_acked = 0
+        self._waiting_for_ack: asyncio.Future[None] | None = None
+
+    def state(self) -> tuple[Any, ...]:
+        return (
+            dict(self._acked),
+            dict(self._acked_index),
+            set(self._unacked_messages),
+            self._n_acked,
+        )
+
+
+def _messages(seed: int) -> tuple[list[ConsumerMessage], dict[TP, int]]:
+    """Records of two partitions and a changelog, with what a real batch can hold: offsets
+    below the committed one, repeats, records already acked or still referenced twice."""
+    rng = random.Random(seed)
+    tps = [TP("transactions", 0), TP("transactions", 1), TP(CHANGELOG, 0)]
+    messages = []
+    for tp in tps:
+        for offset in sorted(rng.sample(range(40), 25)):
+            for _ in range(rng.choice((1, 1, 1, 2))):
+                m = ConsumerMessage(tp.topic, tp.partition, offset, 0.0, 0, [], b"k", b"v", None)
+                m.refcount = rng.choice((0, 0, 1, 2))
+                m.acked = rng.random() < 0.1
+                messages.append(m)
+    rng.shuffle(messages)
+    return messages, {tp: rng.randrange(10) for tp in tps[:2]}
+
+
+@pytest.mark.parametrize("seed", range(20))
+async def test_ack_all_keeps_the_books_as_faust_acks_one_by_one(seed: int) -> None:
+    theirs, committed = _messages(seed)
+    ours = copy.deepcopy(theirs)
+    faust, batched = _AckingConsumer(committed), _AckingConsumer(committed)
+    faust._unacked_messages.update(theirs[::3])  # delivered through Faust's conductor
+    batched._unacked_messages.update(ours[::3])
+    faust._waiting_for_ack = asyncio.get_running_loop().create_future()
+    batched._waiting_for_ack = asyncio.get_running_loop().create_future()
+
+    newly = sum(bool(m.ack(faust)) for m in theirs)
+    assert ack_all(batched, ours) == newly > 0
+    assert batched.state()[:2] == faust.state()[:2]  # offsets safe to commit, in ack order
+    assert batched._n_acked == faust._n_acked
+    assert [(m.acked, m.refcount) for m in ours] == [(m.acked, m.refcount) for m in theirs]
+    position = {id(m): i for i, m in enumerate(theirs)}
+    assert {id(m) for m in batched._unacked_messages} == {
+        id(ours[position[id(m)]]) for m in faust._unacked_messages
+    }
+    assert batched._waiting_for_ack.done()  # a commit waiting for acks is woken
