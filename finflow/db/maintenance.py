@@ -10,6 +10,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from finflow.db.schema import (
+    FILLFACTOR,
     MIGRATIONS,
     TIME_TABLES,
     applied_versions,
@@ -193,12 +194,16 @@ async def _create(
     waiting = (await cur.fetchone() or (False,))[0]
     if waiting:  # Postgres refuses the partition while DEFAULT holds rows of its range
         await _park(conn, parent, default, in_range, params)
+    storage: sql.Composable = sql.SQL("")
+    if table in FILLFACTOR:
+        storage = sql.SQL(" WITH (fillfactor = {})").format(sql.Literal(FILLFACTOR[table]))
     await conn.execute(
-        sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})").format(
+        sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ({}) TO ({}){}").format(
             sql.Identifier("finflow", name),
             parent,
             sql.Literal(bounds[0]),
             sql.Literal(bounds[1]),
+            storage,
         )
     )
     if waiting:

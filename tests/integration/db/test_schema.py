@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 
 from finflow.db import maintenance, schema
-from finflow.db.writer import TxnRow, write_batch
+from finflow.db.writer import SnapshotRow, TxnRow, write_batch
 from finflow.settings import Settings
 
 Conn = psycopg.AsyncConnection[Any]
@@ -138,6 +138,59 @@ async def test_partitions_created_and_dropped_as_configured(
     )
     assert await _rows(fallback, "SELECT transaction_id FROM finflow.transactions") == [("t2",)]
     assert await maintenance.maintain_partitions(fallback, conf, later) == ([], [])
+
+
+async def _fillfactors(conn: Conn, table: str) -> dict[str, str | None]:
+    """The fill factor of each partition (chunk) of ``table`` (None: the default, 100)."""
+    query = """
+        SELECT c.relname, substring(array_to_string(c.reloptions, ',') FROM 'fillfactor=(\\d+)')
+        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = %s::regclass"""
+    return dict(await _rows(conn, query, f"finflow.{table}"))
+
+
+async def test_snapshot_partitions_leave_room_for_updates_in_place(
+    conn: Conn, conf: Settings, monkeypatch: Any
+) -> None:
+    """Partitions of window_snapshots have a fill factor of 70: those of a database at
+    version 3 once migrated, and those maintenance creates later; other tables keep the
+    default."""
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:3])  # the code of version 3
+    monkeypatch.setattr(maintenance, "FILLFACTOR", {})
+    await schema.migrate(conn, conf, timescale=False)
+    await maintenance.maintain_partitions(conn, conf, T0)
+    before = await _fillfactors(conn, "window_snapshots")
+    assert len(before) > 1
+    assert set(before.values()) == {None}
+    monkeypatch.undo()
+
+    assert await schema.migrate(conn, conf, timescale=False) == ["snapshot_fillfactor"]
+    upgraded = await _fillfactors(conn, "window_snapshots")
+    assert upgraded == dict.fromkeys(before, "70")
+    await maintenance.maintain_partitions(conn, conf, T0 + timedelta(days=2))
+    later = await _fillfactors(conn, "window_snapshots")
+    assert set(later) - set(before)  # created by maintenance since
+    assert set(later.values()) == {"70"}
+    assert set((await _fillfactors(conn, "transactions")).values()) == {None}
+
+    # Updates of a snapshot stay on their page (HOT), as over the bench stream: a row is
+    # updated a few times after the batch that inserted it filled its page.
+    start = int(RECENT.timestamp() * 1000)
+    currencies = {c: [1, 12_345, 100, 9_000] for c in ("USD", "EUR", "GBP")}
+    for version in range(1, 4):
+        snaps = [
+            SnapshotRow(f"a{i}", "1h", start, start + HOUR_MS, version, 3, 1, 2, currencies, 1)
+            for i in range(400)
+        ]
+        await write_batch(conn, [], snaps)
+    await conn.execute("SELECT pg_stat_force_next_flush()")
+    ((updated, hot),) = await _rows(
+        conn,
+        "SELECT sum(n_tup_upd), sum(n_tup_hot_upd) FROM pg_stat_user_tables"
+        " WHERE relname LIKE 'window_snapshots%%'",
+    )
+    assert updated == 2 * 400
+    assert hot > updated / 3, (updated, hot)  # at the default fill factor: 0 of 800
 
 
 async def test_rows_waiting_in_default_move_into_their_new_partition(
