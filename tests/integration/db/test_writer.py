@@ -178,15 +178,19 @@ async def test_bad_rows_go_to_dead_letters_and_the_rest_lands(migrated: Conn) ->
     assert dead[2][1]["merchant_id"] == "m\ufffd"
 
 
-async def test_copy_handles_missing_optional_fields_and_negative_amounts(migrated: Conn) -> None:
+async def test_copy_handles_missing_optional_fields_negative_amounts_and_wide_sums(
+    migrated: Conn,
+) -> None:
     bare = TxnRow("acct-1", "refund-1", ms(T0), -123456, 4, "CLF")
     big = txn(1, amount_minor=-(2**63) + 1, minor_digits=0, source_offset=2**62)
     empty = snap(1, first_ms=None, last_ms=None, currencies={}, events=0)
+    # A window's sum of minor units beyond 64 bits, exact (integers in the jsonb).
+    wide = snap(2, currencies={"EUR": [2, 2**70, 1, 2**70 - 1], "JPY": [1, -5, -5, -5]})
     last = txn(2, event_ms=253_402_300_799_999)  # the last millisecond of 9999, to the ms
-    assert await write_batch(migrated, [bare, big, last], [empty]) == 0
+    assert await write_batch(migrated, [bare, big, last], [empty, wide]) == 0
     assert await rows(migrated, TXN_SELECT) == sorted([as_row(bare), as_row(big), as_row(last)])
     assert as_row(last)[2] == datetime(9999, 12, 31, 23, 59, 59, 999_000, UTC)
-    assert await rows(migrated, SNAP_SELECT) == [as_row(empty)]
+    assert await rows(migrated, SNAP_SELECT) == sorted([as_row(empty), as_row(wide)])
     assert await rows(migrated, "SELECT count(*) FROM finflow.sink_dead_letters") == [(0,)]
 
 
