@@ -215,7 +215,8 @@ def summary(results: Mapping[str, Any]) -> str:
         lines.append(
             f"Redis cache (storage and cache on): {stored['cache_published']:,.0f} account values"
             f" written, {stored['cache_published_by_resync']:,.0f} of them by resyncs of whole"
-            " partitions (a publisher that fell behind)"
+            " partitions (each partition's first sync after its assignment, which reads what"
+            " the first batches wrote; more is a publisher that fell behind)"
         )
     lines += [
         f"recovery after kill -9: /readyz 200 after {rec['start_to_ready_s']:.1f} s, of which"

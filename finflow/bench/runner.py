@@ -220,7 +220,9 @@ class Run:
             raise BenchError("finflow_sink_on: the worker wrote nothing to the Redis cache")
         return result | {
             "cache_published": published,
-            # Values a publisher that fell behind wrote again from whole partitions.
+            # Values written by whole-partition resyncs: each partition's first sync after its
+            # assignment (the values of the first batches), and any by a publisher that fell
+            # behind.
             "cache_published_by_resync": scrape.total(CACHE_PUBLISHED, source="resync"),
             "cache_keys_deleted": keys.deleted,
         }
