@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import types
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from typing import Any, cast
 
 from faust import Topic
@@ -262,7 +262,7 @@ async def _deliver_each(consumer: Any, tp: TP, fetched: list[Any], generation: i
         read_offset[tp] = record.offset
 
 
-def ack_all(consumer: Any, messages: list[Message]) -> int:
+def ack_all(consumer: Any, messages: Sequence[Message]) -> int:
     """``message.ack(consumer)`` for each of ``messages``, in order: the same bookkeeping as
     Faust 0.15.3's ``Message.ack`` and ``Consumer.ack``, under one hold of its ``ack_lock``
     and with one wake-up of a commit waiting for acks, instead of three lock holds, a

@@ -103,13 +103,9 @@ def header(version: int, updated_ms: int) -> bytes:
     return b"%020d%015d" % (version, updated_ms)
 
 
-def entry(state: bytes) -> bytes:
-    """The stored value of an encoded AccountState: its header, then the state unchanged."""
-    return head(state) + state
-
-
 def head(state: bytes) -> bytes:
-    """The ordering header of an encoded AccountState (see :func:`header`)."""
+    """The ordering header of an encoded AccountState (see :func:`header`); the stored value
+    is the header, then the state unchanged."""
     v = _VERSION_RE.match(state)
     at = state.rfind(_UPDATED, -40)  # the last key (a regex search would scan the whole value)
     updated = state[at + len(_UPDATED) : -1] if at >= 0 and state.endswith(b"}") else b""

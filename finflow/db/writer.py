@@ -20,7 +20,7 @@ from psycopg import adapt, postgres
 from psycopg._copy_base import format_row_binary, parse_row_binary
 from psycopg.abc import Transformer
 from psycopg.pq import Format, TransactionStatus
-from psycopg.types.json import Jsonb, JsonbBinaryDumper, set_json_dumps
+from psycopg.types.json import Jsonb, JsonbBinaryDumper
 
 from models.alerts import Alert
 
@@ -236,15 +236,11 @@ class _JsonbDumper(JsonbBinaryDumper):
     which cost 3 % of the worker's main thread with storage on."""
 
     def dump(self, obj: Any) -> bytes:
-        try:
-            return b"\x01" + orjson.dumps(obj)  # ~2x json.dumps
-        except TypeError:  # an integer beyond 64 bits
-            return b"\x01" + json.dumps(obj, separators=(",", ":")).encode()
+        return b"\x01" + _json(obj)
 
 
 def _transformer(types: list[str]) -> Transformer:
     adapters = adapt.AdaptersMap(psycopg.adapters)
-    set_json_dumps(_json, context=adapters)
     adapters.register_dumper(None, _JsonbDumper)  # by oid: the jsonb columns of the rows
     tx = adapt.Transformer(adapters)
     oids = [postgres.types[name].oid for name in types]

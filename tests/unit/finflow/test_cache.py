@@ -1,4 +1,4 @@
-"""The Redis hot path without Redis: entry layout, freshness, breaker, publisher bookkeeping."""
+"""The Redis hot path without Redis: value layout, freshness, breaker, publisher bookkeeping."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from finflow import cache, metrics
 from finflow.api import account_body, aggregates_render, alerts_query, history_query
-from finflow.cache import HEAD, CacheUnavailable, HotCache, Publisher, entry, header
+from finflow.cache import HEAD, CacheUnavailable, HotCache, Publisher, head, header
 from finflow.errors import ApiError
 from finflow.settings import from_env
 from models.transaction import Transaction
@@ -30,18 +30,15 @@ def state(count: int, updated_ms: int = NOW) -> AccountState:
     return s
 
 
-def test_entry_is_an_ordering_header_then_the_state_unchanged() -> None:
+def test_head_is_the_ordering_header_of_the_state() -> None:
     s = state(3, updated_ms=NOW + 5)
-    raw = s.encode()
-    stored = entry(raw)
-    assert stored[:HEAD] == header(3, NOW + 5)
-    assert stored[HEAD:] == raw
+    assert head(s.encode()) == header(3, NOW + 5)
 
 
-def test_entry_of_a_state_in_another_key_order_decodes_it() -> None:
+def test_head_of_a_state_in_another_key_order_decodes_it() -> None:
     data = state(2).data
     raw = orjson.dumps(dict(reversed(list(data.items()))))
-    assert entry(raw)[:HEAD] == header(2, NOW)
+    assert head(raw) == header(2, NOW)
 
 
 def test_header_byte_order_is_version_then_updated_order() -> None:
@@ -54,7 +51,8 @@ def test_header_byte_order_is_version_then_updated_order() -> None:
 def test_cached_state_renders_exactly_like_the_table_value() -> None:
     s = state(4)
     render = aggregates_render({"window": "1h", "at": str(NOW)})
-    cached = AccountState.decode(entry(s.encode())[HEAD:])
+    raw = s.encode()
+    cached = AccountState.decode((head(raw) + raw)[HEAD:])
     assert account_body("acc-1", cached, render) == account_body("acc-1", s, render)
     assert account_body("acc-1", cached, render)["count"] == 4
 
