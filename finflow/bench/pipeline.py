@@ -139,6 +139,32 @@ class Worker(BenchProcess):
         return prom.parse(text, time.monotonic())
 
 
+#: Connection attempts of a scrape whose counters a measurement needs (a busy worker's
+#: listen queue can drop one connection; a process that is gone fails every attempt).
+SCRAPE_ATTEMPTS = 3
+SCRAPE_RETRY_S = 0.2
+
+
+async def scrape_retrying(
+    http: aiohttp.ClientSession, url: str, attempts: int = SCRAPE_ATTEMPTS
+) -> prom.Scrape:
+    """``url``'s ``/metrics``, tried up to ``attempts`` times on connection errors (the last
+    attempt's error propagates; an HTTP error status at once)."""
+    for _ in range(attempts - 1):
+        try:
+            return await _scrape(http, url)
+        except aiohttp.ClientConnectionError:
+            await asyncio.sleep(SCRAPE_RETRY_S)
+    return await _scrape(http, url)
+
+
+async def _scrape(http: aiohttp.ClientSession, url: str) -> prom.Scrape:
+    async with http.get(f"{url}/metrics") as resp:
+        resp.raise_for_status()
+        text = await resp.text()
+    return prom.parse(text, time.monotonic())
+
+
 async def throughput(
     worker: Worker, http: aiohttp.ClientSession, expected: int, max_s: float
 ) -> dict[str, Any]:

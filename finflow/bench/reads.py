@@ -53,6 +53,7 @@ from finflow.bench.pipeline import (
     cache_keys,
     fresh_database,
     redacted,
+    scrape_retrying,
 )
 from finflow.bench.procs import BenchError, kill9, spawn, tail
 from finflow.bench.workload import Stream, free_port, fresh_broker, preproduce
@@ -361,8 +362,7 @@ class Phase:
         """
         out: dict[str, float] = {}
         for name, url in [("worker", self.worker.url), *((n, a.url) for n, a in self.apis.items())]:
-            async with self.http.get(f"{url}/metrics") as resp:
-                scrape = prom.parse(await resp.text(), time.monotonic())
+            scrape = await scrape_retrying(self.http, url)
             for labels, value in scrape.samples.get(CACHE_RESULTS, []):
                 out[f"cache.{name}.{labels['result']}"] = value
             if name == "worker":
