@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import pytest
 
 from agents.processor import IngestProcessor, Outputs, key_partition
 from finflow.db.writer import SnapshotRow
@@ -188,6 +189,71 @@ def test_a_batch_longer_than_a_chunk_applies_as_one() -> None:
         assert {s.version for s in final} == {module.CHUNK}
     proc.commit(batch)
     assert [stored_count(table, a) for a in accounts] == [module.CHUNK] * 3
+
+
+def test_a_busy_account_is_decoded_and_encoded_once_per_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An account in every chunk of a batch stays decoded from its first chunk to its last:
+    one decode of its stored value, one encode, and one database row per window. It was
+    decoded and encoded again for every chunk (its whole value, dedup ids and all), which
+    made a busy account cost several times a quiet one per record."""
+    from agents import processor as module
+
+    calls = {"decode": 0, "encode": 0}
+    decode, encode = AccountState.decode.__func__, AccountState.encode  # type: ignore[attr-defined]
+
+    def counted_decode(cls: type[AccountState], raw: bytes) -> AccountState:
+        calls["decode"] += 1
+        return decode(cls, raw)
+
+    def counted_encode(self: AccountState) -> bytes:
+        calls["encode"] += 1
+        return encode(self)
+
+    monkeypatch.setattr(AccountState, "decode", classmethod(counted_decode))
+    monkeypatch.setattr(AccountState, "encode", counted_encode)
+    table = DictTable()
+    proc = processor(table)
+    proc.rows = True
+    accounts = ["acc-1", "acc-2", "acc-3"]
+    proc.commit(
+        proc.process([record(i, f"s{i}", account=a) for i, a in enumerate(accounts)], now_ms=NOW)
+    )
+    calls.update(decode=0, encode=0)
+    start = len(accounts)
+    chunks = 4 * module.CHUNK
+    records = [record(start + i, f"t{i}", account=accounts[i % 3]) for i in range(chunks)]
+    batch = proc.process(records, now_ms=NOW)
+    assert calls == {"decode": 3, "encode": 3}
+    assert batch.result.accepted == chunks
+    rows = batch.snapshots.rows()
+    assert len(rows) == 9  # 3 accounts x (1m, 1h, 1d)
+    proc.commit(batch)
+    assert sum(stored_count(table, a) for a in accounts) == 3 + 4 * module.CHUNK
+    for account in accounts:  # each window's row carries the account's final count
+        assert {r.version for r in rows if r.account_id == account} == {
+            stored_count(table, account)
+        }
+
+
+def test_an_account_whose_last_record_in_the_batch_is_not_applied_is_still_written() -> None:
+    """The state stays decoded until the account's last record in the batch; when that record
+    is rejected (or replayed), the changes of the earlier chunks are written all the same."""
+    from agents import processor as module
+
+    table = DictTable()
+    proc = processor(table)
+    records = [record(i, f"t{i}") for i in range(module.CHUNK)]
+    bad = record(module.CHUNK, "bad")
+    bad.value = b"not json"
+    replayed = record(3, "t3")  # an offset this batch already applied
+    batch = proc.process([*records, bad, replayed], now_ms=NOW)
+    assert (batch.result.accepted, batch.result.rejected) == (module.CHUNK, {"invalid_json": 1})
+    assert batch.result.replayed == 1
+    proc.commit(batch)
+    assert stored_count(table) == module.CHUNK
+    assert proc.unreleased == 0
 
 
 def test_a_bad_send_time_header_is_ignored_not_fatal() -> None:
