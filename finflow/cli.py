@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import shutil
 import sys
@@ -32,6 +33,34 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {text!r}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a share from 0 to 1, not {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finflow", description=__doc__)
     sub = parser.add_subparsers(required=True, dest="command")
@@ -39,14 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--loglevel", default="info")
     worker.set_defaults(run=run_worker)
     gen = sub.add_parser("loadgen", help="produce a seeded synthetic transaction stream")
-    gen.add_argument("--rate", type=float, default=1000.0, help="records per second")
-    gen.add_argument("--duration", type=float, default=10.0, help="seconds")
-    gen.add_argument("--accounts", type=int, default=1000)
+    gen.add_argument("--rate", type=_positive, default=1000.0, help="records per second")
+    gen.add_argument("--duration", type=_positive, default=10.0, help="seconds")
+    gen.add_argument("--accounts", type=_positive_int, default=1000)
     gen.add_argument("--seed", type=int, default=1)
-    gen.add_argument("--bad-ratio", type=float, default=0.0)
-    gen.add_argument("--dup-ratio", type=float, default=0.0)
-    gen.add_argument("--disorder", type=int, default=0, help="max out-of-order ms")
-    gen.add_argument("--keyless-ratio", type=float, default=0.0, help="share sent without key")
+    gen.add_argument("--bad-ratio", type=_ratio, default=0.0, help="share of invalid records")
+    gen.add_argument("--dup-ratio", type=_ratio, default=0.0, help="share of repeated records")
+    gen.add_argument("--disorder", type=_non_negative_int, default=0, help="max out-of-order ms")
+    gen.add_argument("--keyless-ratio", type=_ratio, default=0.0, help="share sent without key")
     gen.add_argument("--start", type=int, default=None, help="event time of the first record")
     gen.add_argument("--topic", default="transactions")
     gen.set_defaults(run=run_loadgen)
@@ -67,8 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--verbose", action="store_true", help="print every alert as JSON")
     rep.set_defaults(run=run_replay)
     demo = sub.add_parser("demo", help="broker + worker + load generator, live aggregates")
-    demo.add_argument("--duration", type=float, default=30.0)
-    demo.add_argument("--rate", type=float, default=500.0)
+    demo.add_argument("--duration", type=_positive, default=30.0)
+    demo.add_argument("--rate", type=_positive, default=500.0)
     demo.set_defaults(run=run_demo)
     bench = sub.add_parser("bench", help="throughput and latency against baselines, one run")
     bench_options(bench)
@@ -222,9 +251,16 @@ def run_loadgen(args: argparse.Namespace) -> int:
     from finflow.loadgen import Spec, produce
     from finflow.settings import from_env
 
+    count = int(args.rate * args.duration)
+    if count < 1:
+        print("finflow: --rate times --duration must make at least one record", file=sys.stderr)
+        return 2
+    if args.bad_ratio + args.dup_ratio > 1:
+        print("finflow: --bad-ratio and --dup-ratio must add up to at most 1", file=sys.stderr)
+        return 2
     start = args.start if args.start is not None else int(time.time() * 1000)
     spec = Spec(
-        count=int(args.rate * args.duration),
+        count=count,
         accounts=args.accounts,
         seed=args.seed,
         start_ms=start,

@@ -114,15 +114,27 @@ def _rfc3339(ms: int) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 
+#: An amount written as a JSON number whose decimals beyond the currency's a float drops.
+_PRECISE = "12.500000000000000001"
+
+
 def _bad(rng: random.Random, account: str, txn: dict[str, object]) -> Record:
     kind = rng.choice(BAD_KINDS)
     key: bytes | None = account.encode()
     if kind == "invalid_json":
         return Record(key, orjson.dumps(txn)[:-3], kind)
     if kind == "invalid_schema":
-        del txn["amount"]
+        if rng.random() < 0.5:
+            del txn["amount"]
+        else:
+            txn["country"] = rng.choice(("ZZ", "UK"))  # user-assigned, reserved: not ISO 3166
     elif kind == "invalid_amount":
-        txn["amount"] = rng.choice(("12.3456", "0", "abc", "1000000000000"))
+        amount = rng.choice(("12.3456", "0", "abc", "1000000000000", _PRECISE))
+        if amount is _PRECISE:  # a JSON number with more decimals than a float keeps
+            txn["amount"] = 0.25
+            raw = orjson.dumps(txn).replace(b'"amount":0.25', b'"amount":' + _PRECISE.encode())
+            return Record(key, raw, kind)
+        txn["amount"] = amount
     elif kind == "invalid_currency":
         txn["currency"] = rng.choice(("usd", "XYZ", "US"))
     elif kind == "invalid_timestamp":

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from models.countries import is_country
 from models.currencies import minor_digits
 from models.exceptions import Reason, ValidationError
 
@@ -27,7 +28,6 @@ _RFC3339_RE = re.compile(
 )
 _MCC_RE = re.compile(r"\d{4}", re.ASCII)
 _HUGE_INT = 10**18  # stands in for integers too long to parse; beyond every bound checked here
-_COUNTRY_RE = re.compile(r"[A-Z]{2}")
 
 
 class Transaction(NamedTuple):
@@ -71,6 +71,24 @@ def decode(value: bytes) -> Any:
     return obj
 
 
+class _NumberText(str):
+    """A JSON number's text as written (``json``'s ``parse_float`` hook)."""
+
+    __slots__ = ()
+
+
+def _number_text(value: bytes, name: str) -> str | None:
+    """The text of the JSON number ``name`` of the object in ``value``, when it has a
+    fraction or an exponent (orjson reads those as floats). Only such amounts pay for this
+    second parse; None when the standard library cannot parse ``value``."""
+    try:
+        obj = json.loads(value, parse_float=_NumberText, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        return None
+    found = obj.get(name) if isinstance(obj, dict) else None
+    return found if isinstance(found, _NumberText) else None
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -104,13 +122,14 @@ def parse_transaction(
     _check_length("transaction_id", txid)
     _check_length("account_id", account)
     digits = _currency_digits(currency)
-    amount_minor = parse_amount(raw_amount, digits)
+    literal = _number_text(value, "amount") if isinstance(raw_amount, float) else None
+    amount_minor = parse_amount(raw_amount, digits, literal)
     event_ms = parse_timestamp(raw_ts)
     if event_ms > now_ms + max_future_ms:
         raise ValidationError(Reason.INVALID_TIMESTAMP, "event time is too far in the future")
     if mcc is not None and not _MCC_RE.fullmatch(mcc):
         raise ValidationError(Reason.INVALID_SCHEMA, "mcc must be a 4-digit string")
-    if country is not None and not _COUNTRY_RE.fullmatch(country):
+    if country is not None and not is_country(country):
         raise ValidationError(Reason.INVALID_SCHEMA, "country must be ISO 3166-1 alpha-2")
     if key is not None and key != account.encode():
         raise ValidationError(Reason.KEY_MISMATCH, "account_id differs from the message key")
@@ -152,8 +171,12 @@ def _currency_digits(currency: str) -> int:
     return digits
 
 
-def parse_amount(raw: str | int | float, digits: int) -> int:
-    """Return ``raw`` in integer minor units with ``digits`` decimals, or raise."""
+def parse_amount(raw: str | int | float, digits: int, literal: str | None = None) -> int:
+    """Return ``raw`` in integer minor units with ``digits`` decimals, or raise.
+
+    ``literal`` is the text of the JSON number a float ``raw`` was read from: it decides
+    (the float keeps 17 significant digits, so ``12.500000000000000001`` would pass as 12.50).
+    """
     if isinstance(raw, str):
         minor = _amount_from_text(raw, digits)
     elif isinstance(raw, int):
@@ -161,7 +184,7 @@ def parse_amount(raw: str | int | float, digits: int) -> int:
             raise ValidationError(Reason.INVALID_AMOUNT, "absolute amount must be below 10^12")
         minor = raw * 10**digits
     else:
-        minor = _amount_from_float(raw, digits)
+        minor = _amount_from_float(raw, digits, literal)
     if minor == 0:
         raise ValidationError(Reason.INVALID_AMOUNT, "amount must not be zero")
     return minor
@@ -182,9 +205,9 @@ def _amount_from_text(text: str, digits: int) -> int:
     return -minor if sign == "-" else minor
 
 
-def _amount_from_float(value: float, digits: int) -> int:
+def _amount_from_float(value: float, digits: int, literal: str | None) -> int:
     try:
-        exact = Decimal(repr(value))
+        exact = Decimal(repr(value) if literal is None else literal)
     except InvalidOperation:
         raise ValidationError(Reason.INVALID_AMOUNT, "amount is not finite") from None
     if not exact.is_finite() or abs(exact) >= MAX_ABS_UNITS:

@@ -257,9 +257,63 @@ def test_bad_mcc(mcc: str) -> None:
     assert reason(record(mcc=mcc)) == Reason.INVALID_SCHEMA
 
 
-@pytest.mark.parametrize("country", ["us", "USA", "U", "U1", "", "Us"])
+@pytest.mark.parametrize(
+    "country", ["us", "USA", "U", "U1", "", "Us", "ZZ", "AA", "QQ", "XX", "UK", "EU", "YU"]
+)
 def test_bad_country(country: str) -> None:
+    """Shape and list: reserved (UK, EU), user-assigned (AA, QQ, XX, ZZ) and withdrawn (YU)
+    codes are not ISO 3166-1 countries."""
     assert reason(record(country=country)) == Reason.INVALID_SCHEMA
+
+
+@pytest.mark.parametrize("country", ["GB", "US", "SS", "BQ", "CW", "SX", "AX", "TL", "XK"])
+def test_country_codes_accepted(country: str) -> None:
+    """Assigned codes, the newer ones too, and XK (Kosovo, as banks and card networks send)."""
+    assert parse(record(country=country)).country == country
+
+
+def test_every_officially_assigned_country_code_and_xk() -> None:
+    from models.countries import COUNTRIES
+
+    assert len(COUNTRIES) == 249 + 1
+    assert all(len(code) == 2 and code.isascii() and code.isupper() for code in COUNTRIES)
+
+
+@pytest.mark.parametrize(
+    ("literal", "minor"),
+    [
+        (b"12.5", 1250),
+        (b"12.50", 1250),
+        (b"12.500", 1250),
+        (b"1e2", 10000),
+        (b"1.5E1", 1500),
+        (b"-3.00", -300),
+        (b"999999999999.99", 99999999999999),
+    ],
+)
+def test_json_number_amounts(literal: bytes, minor: int) -> None:
+    raw = json.dumps(record(amount=0.25)).encode().replace(b"0.25", literal)
+    assert parse(raw).amount_minor == minor
+
+
+@pytest.mark.parametrize(
+    "literal",
+    [b"12.500000000000000001", b"0.1000000000000000000001", b"0.001", b"12.345", b"1e400"],
+)
+def test_json_number_amounts_are_read_as_written(literal: bytes) -> None:
+    """A JSON number with more decimals than the currency has is rejected, as the same text
+    in a string is: read as a float, 12.500000000000000001 was 12.5 and stored as 12.50."""
+    raw = json.dumps(record(amount=0.25)).encode().replace(b"0.25", literal)
+    assert reason(raw) == Reason.INVALID_AMOUNT
+
+
+def test_the_last_of_repeated_amount_fields_is_the_one_read_as_written() -> None:
+    raw = (
+        json.dumps(record(amount=0.25))
+        .encode()
+        .replace(b'"amount": 0.25', b'"amount": 0.125, "amount": 2.5')
+    )
+    assert parse(raw).amount_minor == 250
 
 
 @pytest.mark.parametrize("name", ["transaction_id", "account_id"])
