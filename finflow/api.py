@@ -13,6 +13,7 @@ import hmac
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -27,10 +28,10 @@ from finflow.cache import HotCache
 from finflow.errors import ApiError
 from finflow.http_errors import json_errors
 from finflow.settings import Settings
-from models.aggregates import format_ms
-from tables.state import AccountState
+from models.aggregates import Aggregate, format_ms
+from tables.state import AccountState, Retention
+from tables.windows import MINUTE_MS, WINDOW_SIZES, window_start
 
-Render = Callable[[AccountState], dict[str, Any]]
 _TIMEOUT = aiohttp.ClientTimeout(total=5)
 
 
@@ -52,39 +53,59 @@ def check_token(tokens: tuple[str, ...], header: str) -> None:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Render:
+    """One ``/aggregates`` or ``/rolling`` request: its range and how its body is made.
+
+    ``size`` names the windows whose buckets hold the answer (``1m`` for a rolling span).
+    """
+
+    size: str
+    start_ms: int
+    end_ms: int
+    label: tuple[str, str]  # ("window", "1h") or ("span", "10m")
+    bounds: tuple[str, str]  # the names of the range's start and end fields
+    rolling: bool
+
+    def __call__(self, state: AccountState) -> dict[str, Any]:
+        """The body from the account's live state."""
+        if self.rolling:
+            return self.of(state.rolling(self.end_ms - self.start_ms, self.end_ms - MINUTE_MS))
+        return self.of(state.window(self.size, self.start_ms))
+
+    def of(self, agg: Aggregate) -> dict[str, Any]:
+        """The body of an aggregate over this request's range."""
+        start, end = self.bounds
+        return {
+            self.label[0]: self.label[1],
+            start: format_ms(agg.start_ms),
+            end: format_ms(agg.end_ms),
+            **agg.body(),
+        }
+
+    def expired(self, now_ms: int, retention: Retention) -> bool:
+        """Whether the range begins before what the live state keeps of its window size (the
+        processor drops such buckets: :meth:`AccountState.prune`)."""
+        index = tuple(WINDOW_SIZES).index(self.size)
+        return self.start_ms <= now_ms - retention.window_ms[index] - WINDOW_SIZES[self.size]
+
+
 def aggregates_render(query: Mapping[str, str]) -> Render:
     """``/aggregates``: the tumbling window of a size that contains a time."""
     name = params.window(query)
     at_ms = params.instant_ms(query, "at")
-
-    def render(state: AccountState) -> dict[str, Any]:
-        agg = state.window(name, at_ms)
-        return {
-            "window": name,
-            "window_start": format_ms(agg.start_ms),
-            "window_end": format_ms(agg.end_ms),
-            **agg.body(),
-        }
-
-    return render
+    start = window_start(at_ms, WINDOW_SIZES[name])
+    end = start + WINDOW_SIZES[name]
+    return Render(name, start, end, ("window", name), ("window_start", "window_end"), False)
 
 
 def rolling_render(query: Mapping[str, str]) -> Render:
     """``/rolling``: the whole minutes of a span ending with the minute of a time."""
     span_ms = params.span_ms(query)
     span = query["span"]
-    at_ms = params.instant_ms(query, "at")
-
-    def render(state: AccountState) -> dict[str, Any]:
-        agg = state.rolling(span_ms, at_ms)
-        return {
-            "span": span,
-            "from": format_ms(agg.start_ms),
-            "to": format_ms(agg.end_ms),
-            **agg.body(),
-        }
-
-    return render
+    end = window_start(params.instant_ms(query, "at"), MINUTE_MS) + MINUTE_MS
+    start = end - span_ms
+    return Render("1m", start, end, ("span", span), ("from", "to"), True)
 
 
 def account_body(account_id: str, state: AccountState, render: Render) -> dict[str, Any]:
@@ -170,8 +191,8 @@ class ReadApi:
             render = parse(request.query)
             account_id = request.match_info["account_id"]
             found = await self.cache.account(account_id, self._partition(account_id))
-            if found.state is None:
-                return await self.forward(request, found.owner)
+            if found.state is None or render.expired(_now_ms(), self.conf.retention):
+                return await self.forward(request, found.owner)  # older: workers' database
             return web.json_response(account_body(account_id, found.state, render), dumps=_dumps)
 
         return handle
@@ -226,6 +247,10 @@ class ReadApi:
         response = web.Response(body=generate_latest())
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _dumps(value: Any) -> str:

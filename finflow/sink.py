@@ -8,7 +8,8 @@ import logging
 import threading
 import time
 from collections.abc import Coroutine, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import psycopg
@@ -26,7 +27,9 @@ from finflow.db.writer import (
     write_batch,
 )
 from finflow.settings import Settings
+from models.aggregates import Aggregate, CurrencyStats
 from models.alerts import Alert
+from models.currencies import minor_digits
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 5.0
@@ -214,6 +217,30 @@ class DatabaseSink(Service):
                 return None
         return items
 
+    async def stored_aggregate(
+        self, account_id: str, start_ms: int, end_ms: int
+    ) -> Aggregate | None:
+        """The account's aggregate over ``[start_ms, end_ms)`` from its stored transactions
+        (every accepted one, late ones included); None when the account is unknown."""
+        async with self.pool.connection() as conn, conn.cursor() as cur:
+            await cur.execute(
+                _STORED_AGGREGATE, (stored_text(account_id), utc(start_ms), utc(end_ms))
+            )
+            rows = await cur.fetchall()
+            if not rows and not await _known(cur, account_id):
+                return None
+        agg = Aggregate(start_ms, end_ms, merchant_count=rows[0][7] if rows else 0)
+        for currency, count, total, low, high, *_ in rows:
+            digits = minor_digits(currency) or 0
+            agg.currencies[currency] = CurrencyStats(
+                count, _minor(total, digits), _minor(low, digits), _minor(high, digits)
+            )
+            agg.count += count
+        if rows:
+            agg.first_ms = min(_ms(row[5]) for row in rows)
+            agg.last_ms = max(_ms(row[6]) for row in rows)
+        return agg
+
     async def alerts(self, account_id: str, limit: int) -> list[dict[str, Any]] | None:
         """Newest alerts first; None when the account is unknown."""
         async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
@@ -227,6 +254,37 @@ class DatabaseSink(Service):
             if not items and not await _known(cur, account_id):
                 return None
         return items
+
+
+#: Per currency: count, sum, min, max, first and last event time; and the window's distinct
+#: merchants (long ids are one digest each in the live buckets: the same count).
+_STORED_AGGREGATE = """
+WITH t AS (
+    SELECT currency, amount, event_time, merchant_id FROM finflow.transactions
+    WHERE account_id = %s AND event_time >= %s AND event_time < %s
+)
+SELECT currency, count(*), sum(amount), min(amount), max(amount), min(event_time),
+       max(event_time), (SELECT count(DISTINCT merchant_id) FROM t)
+FROM t GROUP BY currency
+"""
+
+
+def _minor(amount: Decimal, digits: int) -> int:
+    """A stored amount (numeric) in integer minor units: exact, as it was written."""
+    return int(amount.scaleb(digits))
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
+def _ms(moment: datetime) -> int:
+    return (moment - _EPOCH) // _MS
+
+
+def utc(ms: int) -> datetime:
+    """Epoch milliseconds as an aware UTC datetime (exact to the millisecond)."""
+    return _EPOCH + ms * _MS
 
 
 async def _known(cur: psycopg.AsyncCursor[Any], account_id: str) -> bool:

@@ -75,12 +75,15 @@ class Aggregate:
     first_ms: int | None = None
     last_ms: int | None = None
     currencies: dict[str, CurrencyStats] = field(default_factory=dict)
+    #: Distinct merchants when counted elsewhere (the database), not listed in ``merchants``.
+    merchant_count: int | None = None
 
     def body(self) -> dict[str, Any]:
         """The fields common to ``/aggregates`` and ``/rolling`` responses."""
+        merchants = len(self.merchants) if self.merchant_count is None else self.merchant_count
         return {
             "count": self.count,
-            "distinct_merchants": len(self.merchants),
+            "distinct_merchants": merchants,
             "first_event_at": format_ms(self.first_ms),
             "last_event_at": format_ms(self.last_ms),
             "currencies": {

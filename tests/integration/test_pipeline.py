@@ -160,55 +160,101 @@ def assert_audited(db: str, bad: list[Record], workers: int) -> None:
 
 
 async def test_late_events_count_in_the_windows_still_kept(tmp_path: Path) -> None:
-    """Events days late but inside the longest retention are counted where their windows are
-    kept (the day window keeps 35 days, the hour 8, the minute 2) and the worker runs on.
+    """Events days late but inside the longest retention count in a window of every size.
 
-    A 3-day-late event once opened a minute bucket that pruning dropped in the same batch,
-    and encoding the account then raised: the worker crashed on every replay of the batch.
+    The live state keeps the day windows 35 days, the hour 8 and the minute 2; a window
+    older than that is answered from the stored transactions, late ones included (it read as
+    count 0 before). A 3-day-late event once opened a minute bucket that pruning dropped in
+    the same batch, and encoding the account then raised: the worker crashed on every replay.
     """
     now = int(time.time() * 1000)
-    late = {"t-3d": now - 3 * DAY_MS, "t-10d": now - 10 * DAY_MS, "t-now": now}
-    records = [_txn("acct-late", txid, "7.25", "EUR", ms) for txid, ms in late.items()]
+    t3d = now - 3 * DAY_MS
+    late = {
+        "t-3d": (t3d, "7.25", "EUR", "m-1"),
+        "t-3d-b": (t3d - t3d % 60_000, "1.00", "USD", "m-2"),  # the same minute
+        "t-10d": (now - 10 * DAY_MS, "3.10", "EUR", "m-1"),
+        "t-now": (now, "2.00", "EUR", None),
+    }
+    records = [
+        _txn("acct-late", txid, amount, currency, ms, merchant)
+        for txid, (ms, amount, currency, merchant) in late.items()
+    ]
+    sizes = {"1m": 60_000, "1h": 3_600_000, "1d": DAY_MS}
     async with one_worker(tmp_path, records) as (_, db, worker):
-        base = f"{worker.url}/accounts/acct-late/aggregates"
+        base = f"{worker.url}/accounts/acct-late"
         async with aiohttp.ClientSession() as http:
 
             async def newest_counted() -> bool:
-                status, body = await get_json(http, f"{base}?window=1m&at={now}")
+                status, body = await get_json(http, f"{base}/aggregates?window=1m&at={now}")
                 return status == 200 and body["count"] == 1
 
             await wait_until(worker, newest_counted, 60)
-            counts = {}
-            for txid, ms in late.items():
-                for window in ("1m", "1h", "1d"):
-                    status, body = await get_json(http, f"{base}?window={window}&at={ms}")
+            await wait_stored(db, "acct-late", len(late))
+            bodies = {}
+            for txid, (ms, *_) in late.items():
+                for window, size in sizes.items():
+                    url = f"{base}/aggregates?window={window}&at={ms}"
+                    status, body = await get_json(http, url)
                     assert status == 200, body
-                    counts[txid, window] = body["count"]
-        assert counts == {
-            ("t-now", "1m"): 1,
-            ("t-now", "1h"): 1,
-            ("t-now", "1d"): 1,
-            ("t-3d", "1m"): 0,  # the minute window is kept for two days
-            ("t-3d", "1h"): 1,
-            ("t-3d", "1d"): 1,
-            ("t-10d", "1m"): 0,
-            ("t-10d", "1h"): 0,  # the hour window is kept for 8 days
-            ("t-10d", "1d"): 1,
-        }
+                    bodies[txid, window] = body
+                    same = [m for m, *_ in late.values() if m // size == ms // size]
+                    assert body["count"] == len(same), (txid, window, body)
+                    assert body["window_start"] == format_ms(ms - ms % size)
+            # The stored minute (older than two days) and the live day hold the same events:
+            # the same figures, from the transactions and from the live state.
+            figures = ("count", "distinct_merchants", "first_event_at", "last_event_at")
+            stored, live = bodies["t-3d", "1m"], bodies["t-3d", "1d"]
+            assert {f: stored[f] for f in figures} == {f: live[f] for f in figures}
+            assert stored["currencies"] == live["currencies"]
+            assert stored["currencies"]["EUR"] == {
+                "count": 1,
+                "sum": "7.25",
+                "min": "7.25",
+                "max": "7.25",
+                "mean": "7.25",
+            }
+            assert stored["distinct_merchants"] == 2
+            status, body = await get_json(http, f"{base}/rolling?span=1h&at={t3d}")
+            assert (status, body["count"], body["to"]) == (
+                200,
+                2,
+                format_ms(t3d - t3d % 60_000 + 60_000),
+            )
+            status, body = await get_json(
+                http, f"{base}/rolling?span=10m&at={now - 3 * DAY_MS - 3_600_000}"
+            )
+            assert (status, body["count"], body["currencies"]) == (200, 0, {})
+            status, body = await get_json(
+                http, f"{worker.url}/accounts/never-seen/aggregates?window=1m&at={t3d}"
+            )
+            assert (status, body["error"]) == (404, "unknown_account")
         assert worker.running
         with psycopg.connect(db) as conn:
-            stored = conn.execute(
+            snapshots = conn.execute(
                 "SELECT window_size, count(*) FROM finflow.window_snapshots"
                 " WHERE account_id = 'acct-late' GROUP BY window_size"
             ).fetchall()
-            txns = conn.execute(
-                "SELECT count(*) FROM finflow.transactions WHERE account_id = 'acct-late'"
+        assert dict(snapshots) == {"1m": 1, "1h": 2, "1d": 3}
+
+
+async def wait_stored(db: str, account: str, count: int, timeout_s: float = 30) -> None:
+    """Until the sink has stored ``count`` transactions of ``account``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with psycopg.connect(db) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM finflow.transactions WHERE account_id = %s", (account,)
             ).fetchone()
-        assert dict(stored) == {"1m": 1, "1h": 2, "1d": 3}
-        assert txns == (3,)
+        if row is not None and row[0] >= count:
+            assert row[0] == count
+            return
+        assert time.monotonic() < deadline, f"{row} of {count} transactions stored"
+        await asyncio.sleep(0.2)
 
 
-def _txn(account: str, txid: str, amount: str, currency: str, ms: int) -> Record:
+def _txn(
+    account: str, txid: str, amount: str, currency: str, ms: int, merchant: str | None = None
+) -> Record:
     value = {
         "transaction_id": txid,
         "account_id": account,
@@ -216,6 +262,8 @@ def _txn(account: str, txid: str, amount: str, currency: str, ms: int) -> Record
         "currency": currency,
         "timestamp": ms,
     }
+    if merchant is not None:
+        value["merchant_id"] = merchant
     return Record(account.encode(), orjson.dumps(value), "valid")
 
 
