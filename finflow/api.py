@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agents.processor import key_partition
 from finflow import metrics, params
-from finflow.cache import HotCache
+from finflow.cache import HotCache, now_ms
 from finflow.errors import ApiError
 from finflow.http_errors import json_errors
 from finflow.settings import Settings
@@ -191,7 +191,7 @@ class ReadApi:
             render = parse(request.query)
             account_id = request.match_info["account_id"]
             found = await self.cache.account(account_id, self._partition(account_id))
-            if found.state is None or render.expired(_now_ms(), self.conf.retention):
+            if found.state is None or render.expired(now_ms(), self.conf.retention):
                 return await self.forward(request, found.owner)  # older: workers' database
             return web.json_response(account_body(account_id, found.state, render), dumps=_dumps)
 
@@ -247,10 +247,6 @@ class ReadApi:
         response = web.Response(body=generate_latest())
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _dumps(value: Any) -> str:

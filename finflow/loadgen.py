@@ -130,7 +130,7 @@ def _bad(rng: random.Random, account: str, txn: dict[str, object]) -> Record:
             txn["country"] = rng.choice(("ZZ", "UK"))  # user-assigned, reserved: not ISO 3166
     elif kind == "invalid_amount":
         amount = rng.choice(("12.3456", "0", "abc", "1000000000000", _PRECISE))
-        if amount is _PRECISE:  # a JSON number with more decimals than a float keeps
+        if amount == _PRECISE:  # a JSON number with more decimals than a float keeps
             txn["amount"] = 0.25
             raw = orjson.dumps(txn).replace(b'"amount":0.25', b'"amount":' + _PRECISE.encode())
             return Record(key, raw, kind)

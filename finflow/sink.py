@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Coroutine, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -24,6 +24,7 @@ from finflow.db.writer import (
     SnapshotRow,
     TxnRow,
     stored_text,
+    utc,
     write_batch,
 )
 from finflow.settings import Settings
@@ -274,17 +275,8 @@ def _minor(amount: Decimal, digits: int) -> int:
     return int(amount.scaleb(digits))
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MS = timedelta(milliseconds=1)
-
-
 def _ms(moment: datetime) -> int:
-    return (moment - _EPOCH) // _MS
-
-
-def utc(ms: int) -> datetime:
-    """Epoch milliseconds as an aware UTC datetime (exact to the millisecond)."""
-    return _EPOCH + ms * _MS
+    return (moment - utc(0)) // timedelta(milliseconds=1)
 
 
 async def _known(cur: psycopg.AsyncCursor[Any], account_id: str) -> bool:

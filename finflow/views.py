@@ -133,7 +133,7 @@ async def serve_account(view: View, request: Request, account_id: str, render: R
 async def serve_stored(view: View, account_id: str, render: Render) -> Response:
     """A range older than what the live state keeps of its window size, from the stored
     transactions (any worker answers: no owner needed)."""
-    as_of = int(time.time() * 1000)
+    as_of = cache.now_ms()
     try:
         agg = await sink.stored_aggregate(account_id, render.start_ms, render.end_ms)
     except (psycopg.Error, PoolTimeout, OSError) as exc:
@@ -145,7 +145,7 @@ async def serve_stored(view: View, account_id: str, render: Render) -> Response:
 
 def is_stored(render: Render) -> bool:
     """Whether a request is answered from the database rather than the live state."""
-    return settings.sink_enabled and render.expired(int(time.time() * 1000), settings.retention)
+    return settings.sink_enabled and render.expired(cache.now_ms(), settings.retention)
 
 
 async def serve_derived(
