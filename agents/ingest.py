@@ -173,7 +173,9 @@ async def store(messages: list[Any], batch: Batch, previous: asyncio.Task[None] 
         before_values = []
         if settings.sink_enabled:
             before_values.append(
-                sink.write(batch.txns, batch.snapshots, batch.alerts, batch.rejections)
+                sink.write(
+                    batch.txns, batch.snapshots, batch.alerts, batch.rejections, batch.refresh
+                )
             )
         if batch.alerts:
             before_values.append(publish_alerts(batch.alerts))

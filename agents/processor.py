@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from aiokafka.partitioner import murmur2
 
 from agents import rows
-from finflow.db.writer import CopyRows, SnapshotRow, TxnRow
+from finflow.db.writer import CopyRows, Refresh, SnapshotRow, TxnRow
 from finflow.settings import Settings
 from models.alerts import Alert
 from models.exceptions import Reason, ValidationError
@@ -98,6 +98,8 @@ class Batch:
     snapshots: CopyRows[SnapshotRow] = field(default_factory=lambda: CopyRows(SnapshotRow))
     alerts: list[Alert] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
+    #: Windows dropped from the live state that late events changed (see rows.add_snapshots).
+    refresh: list[Refresh] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,6 +328,6 @@ class IngestProcessor:
             state = touched[slot]
             state.prune(now_ms, wall_ms, self.conf.retention)
             if self.rows:  # before encode, which seals the buckets again
-                rows.add_snapshots(batch.snapshots, key.decode(), state)
+                rows.add_snapshots(batch.snapshots, batch.refresh, key.decode(), state)
             value = batch.writes.setdefault(partition, {})[key] = state.encode()
             self._pending[slot] = value

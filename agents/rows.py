@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from finflow.db.writer import CopyRows, SnapshotRow
+from finflow.db.writer import CopyRows, Refresh, SnapshotRow
 from models.currencies import minor_digits
 from models.transaction import Transaction
 from tables.state import AccountState
@@ -33,15 +33,20 @@ def txn_row(txn: Transaction, topic: str, partition: int, offset: int) -> tuple[
     )
 
 
-def add_snapshots(out: CopyRows[SnapshotRow], account_id: str, state: AccountState) -> None:
+def add_snapshots(
+    out: CopyRows[SnapshotRow], refresh: list[Refresh], account_id: str, state: AccountState
+) -> None:
     """Add the current aggregate of each window changed since the state was decoded that is
-    still kept (an old event beyond a size's retention is pruned at once).
+    still kept, and name in ``refresh`` each one pruning dropped at once (a late event beyond
+    its size's live retention): its stored snapshot is recomputed from the stored
+    transactions, since the live bucket held only the late events.
 
     ``currencies`` keeps the exact integer minor units ``{currency: [count, sum, min, max]}``;
     readers format money (``/history`` does so with the currency's minor digits).
     """
     version = state.version
-    for name, start, bucket in state.changed():
+    changed = state.changed()
+    for name, start, bucket in changed:
         out.append(
             (
                 account_id,
@@ -56,3 +61,6 @@ def add_snapshots(out: CopyRows[SnapshotRow], account_id: str, state: AccountSta
                 version,
             )
         )
+    if len(changed) < state.opened:
+        for name, start in state.dropped():
+            refresh.append(Refresh(account_id, name, start, start + WINDOW_SIZES[name], version))

@@ -21,6 +21,7 @@ from finflow import metrics
 from finflow.audit import actor_for_worker, record_config, rows_for_batch
 from finflow.db.writer import (
     CopyRows,
+    Refresh,
     SnapshotRow,
     TxnRow,
     stored_text,
@@ -154,11 +155,12 @@ class DatabaseSink(Service):
         snapshots: Sequence[SnapshotRow] | CopyRows[SnapshotRow],
         alerts: Sequence[Alert] = (),
         rejections: Sequence[Any] = (),
+        refresh: Sequence[Refresh] = (),
     ) -> None:
         """Commit the rows, retrying with backoff on any database failure."""
-        if not txns and not snapshots and not alerts and not rejections:
+        if not txns and not snapshots and not alerts and not rejections and not refresh:
             return
-        await self.writer.run(self._write(txns, snapshots, alerts, rejections))
+        await self.writer.run(self._write(txns, snapshots, alerts, rejections, refresh))
 
     async def _write(
         self,
@@ -166,6 +168,7 @@ class DatabaseSink(Service):
         snapshots: Sequence[SnapshotRow] | CopyRows[SnapshotRow],
         alerts: Sequence[Alert],
         rejections: Sequence[Any],
+        refresh: Sequence[Refresh],
     ) -> None:
         """On the writer's loop."""
         delay = 0.1
@@ -174,7 +177,7 @@ class DatabaseSink(Service):
             try:
                 async with self.writer.pool.connection() as conn:
                     audit = rows_for_batch(self.actor, alerts, rejections)
-                    dead = await write_batch(conn, txns, snapshots, alerts, audit)
+                    dead = await write_batch(conn, txns, snapshots, alerts, audit, refresh)
             except (psycopg.Error, PoolTimeout, OSError) as exc:
                 metrics.SINK_ERRORS.inc()
                 self._failed(exc)

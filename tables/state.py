@@ -268,6 +268,17 @@ class AccountState:
         return found
 
     @property
+    def opened(self) -> int:
+        """Number of windows changed since the last encode (kept or not)."""
+        return len(self._opened)
+
+    def dropped(self) -> list[tuple[str, int]]:
+        """(size name, start) of each window changed since the last encode that pruning has
+        dropped: a late event beyond its size's retention (call it before ``encode``)."""
+        kept = self.data["w"]
+        return [(_NAMES[index], int(key)) for index, key in self._opened if key not in kept[index]]
+
+    @property
     def version(self) -> int:
         """Number of transactions counted: grows with every change of any window."""
         version: int = self.data["v"]

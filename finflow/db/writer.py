@@ -23,6 +23,7 @@ from psycopg.pq import Format, TransactionStatus
 from psycopg.types.json import Jsonb, JsonbBinaryDumper
 
 from models.alerts import Alert
+from models.currencies import MINOR_DIGITS
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,17 @@ class SnapshotRow(NamedTuple):
     first_ms: int | None
     last_ms: int | None
     currencies: dict[str, Any]
+    version: int
+
+
+class Refresh(NamedTuple):
+    """A window the live state no longer keeps that a late event changed: its snapshot is
+    recomputed from the stored transactions (the live bucket held only the late events)."""
+
+    account_id: str
+    window_size: str
+    start_ms: int
+    end_ms: int
     version: int
 
 
@@ -154,6 +166,52 @@ _ONE_SNAP = f"""
 INSERT INTO finflow.window_snapshots ({_SNAP_COLS})
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 {_UPSERT_SNAP}"""  # noqa: S608 - constant column lists
+
+
+def _ts_param(ms: str) -> str:
+    """:func:`_ts` in a statement with parameters (its ``%`` doubled)."""
+    return _ts(ms).replace("%", "%%")
+
+
+# Refreshes are few (late events beyond a window size's live retention), so the currencies'
+# minor digits go along as a parameter instead of living in a table of their own.
+_REFRESH = f"""
+WITH r AS (
+    SELECT * FROM unnest(%s::text[], %s::text[], %s::int8[], %s::int8[], %s::int8[])
+        AS r(account_id, window_size, start_ms, end_ms, version)
+), d AS (
+    SELECT * FROM unnest(%s::text[], %s::int4[]) AS d(currency, digits)
+), t AS (
+    SELECT r.account_id, r.window_size, r.start_ms, r.end_ms, r.version, x.currency, x.amount,
+           x.event_time, x.merchant_id
+    FROM r JOIN finflow.transactions x ON x.account_id = r.account_id
+        AND x.event_time >= {_ts_param("r.start_ms")} AND x.event_time < {_ts_param("r.end_ms")}
+), c AS (
+    SELECT account_id, window_size, start_ms, end_ms, version, currency, count(*) AS n,
+           sum(amount) AS total, min(amount) AS low, max(amount) AS high,
+           min(event_time) AS first_at, max(event_time) AS last_at
+    FROM t GROUP BY account_id, window_size, start_ms, end_ms, version, currency
+), m AS (
+    SELECT account_id, window_size, start_ms, count(DISTINCT merchant_id) AS merchants
+    FROM t GROUP BY account_id, window_size, start_ms
+)
+INSERT INTO finflow.window_snapshots ({_SNAP_COLS})
+SELECT c.account_id, c.window_size, {_ts_param("c.start_ms")}, {_ts_param("c.end_ms")}, sum(c.n),
+       min(m.merchants), min(c.first_at), max(c.last_at),
+       jsonb_object_agg(c.currency, jsonb_build_array(
+           c.n, (c.total * power(10::numeric, d.digits))::numeric(1000, 0),
+           (c.low * power(10::numeric, d.digits))::numeric(1000, 0),
+           (c.high * power(10::numeric, d.digits))::numeric(1000, 0))),
+       max(c.version)
+FROM c JOIN m USING (account_id, window_size, start_ms) JOIN d USING (currency)
+GROUP BY c.account_id, c.window_size, c.start_ms, c.end_ms
+ORDER BY c.account_id, c.window_size, c.start_ms
+ON CONFLICT (account_id, window_size, window_start) DO UPDATE SET
+    window_end = EXCLUDED.window_end, count = EXCLUDED.count,
+    distinct_merchants = EXCLUDED.distinct_merchants, first_event_at = EXCLUDED.first_event_at,
+    last_event_at = EXCLUDED.last_event_at, currencies = EXCLUDED.currencies,
+    version = EXCLUDED.version, updated_at = now()
+"""  # noqa: S608 - constant column lists
 _DEAD = "INSERT INTO finflow.sink_dead_letters (table_name, row, error) VALUES (%s, %s, %s)"
 
 _staged: weakref.WeakSet[psycopg.AsyncConnection[Any]] = weakref.WeakSet()
@@ -293,8 +351,12 @@ async def write_batch(
     snapshots: Sequence[SnapshotRow] | CopyRows[SnapshotRow],
     alerts: Sequence[Alert] = (),
     audit: Sequence[AuditRow] = (),
+    refresh: Sequence[Refresh] = (),
 ) -> int:
     """Store a batch in one transaction; the number of rows sent to ``sink_dead_letters``.
+
+    ``refresh`` names dropped windows whose snapshots are recomputed from the transactions
+    once the batch's are in.
 
     Rows, alerts and audit rows are committed together (one commit and no round trip of its
     own for the alerts and the audit). ``conn`` must be idle: the batch is committed when
@@ -304,22 +366,45 @@ async def write_batch(
     """
     if conn.info.transaction_status != TransactionStatus.IDLE:
         raise psycopg.ProgrammingError("write_batch needs an idle connection: it commits")
-    if not txns and not snapshots and not alerts and not audit:
+    if not txns and not snapshots and not alerts and not audit and not refresh:
         return 0
     txn_rows, snap_rows = copy_rows(TxnRow, txns), copy_rows(SnapshotRow, snapshots)
     try:
         if txn_rows.unformatted or snap_rows.unformatted:
             raise ValueError("rows that cannot be formatted for COPY")
-        await _write_staged(conn, txn_rows, snap_rows, alerts, audit)
+        await _write_staged(conn, txn_rows, snap_rows, alerts, audit, refresh)
     except BAD_DATA as exc:
         log.warning(
             "batch rejected (%s); retrying %d rows one by one", exc, len(txns) + len(snapshots)
         )
         dead = await _write_rows(conn, txn_rows.rows(), snap_rows.rows())
+        if refresh:
+            async with conn.transaction():
+                await conn.execute(_REFRESH, _refresh_params(refresh))
         await write_alerts(conn, alerts)
         await write_audit(conn, audit)
         return dead
     return 0
+
+
+def _refresh_params(refresh: Sequence[Refresh]) -> tuple[list[Any], ...]:
+    """Parameters of :data:`_REFRESH`: each window once (a row cannot be updated twice in a
+    statement), with the highest version, and every currency's minor digits."""
+    newest: dict[tuple[str, str, int], Refresh] = {}
+    for r in refresh:
+        key = (r.account_id, r.window_size, r.start_ms)
+        if key not in newest or r.version > newest[key].version:
+            newest[key] = r
+    rows = [newest[key] for key in sorted(newest)]
+    return (
+        [stored_text(r.account_id) for r in rows],
+        [r.window_size for r in rows],
+        [r.start_ms for r in rows],
+        [r.end_ms for r in rows],
+        [r.version for r in rows],
+        list(MINOR_DIGITS),
+        list(MINOR_DIGITS.values()),
+    )
 
 
 async def _write_staged(
@@ -328,15 +413,16 @@ async def _write_staged(
     snaps: CopyRows[SnapshotRow],
     alerts: Sequence[Alert],
     audit: Sequence[AuditRow],
+    refresh: Sequence[Refresh],
 ) -> None:
     await _ensure_staging(conn)
     try:
-        await _write_bulk(conn, txns, snaps, alerts, audit)
+        await _write_bulk(conn, txns, snaps, alerts, audit, refresh)
     except psycopg.errors.UndefinedTable:
         if conn not in _staged:
             raise
         _staged.discard(conn)  # temporary tables gone (DISCARD ALL by a pool reset): recreate
-        await _write_staged(conn, txns, snaps, alerts, audit)
+        await _write_staged(conn, txns, snaps, alerts, audit, refresh)
 
 
 async def _ensure_staging(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -352,6 +438,7 @@ async def _write_bulk(
     snaps: CopyRows[SnapshotRow],
     alerts: Sequence[Alert],
     audit: Sequence[AuditRow],
+    refresh: Sequence[Refresh],
 ) -> None:
     async with conn.transaction(), conn.cursor() as cur:
         if txns:
@@ -367,6 +454,8 @@ async def _write_bulk(
                 await cur.execute(_INSERT_TXN)
             if snaps:
                 await cur.execute(_INSERT_SNAP)
+            if refresh:  # after the transactions it reads
+                await cur.execute(_REFRESH, _refresh_params(refresh))
             if alerts:
                 await cur.executemany(_INSERT_ALERT, _alert_params(alerts))
             if audit:

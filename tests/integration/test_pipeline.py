@@ -228,13 +228,30 @@ async def test_late_events_count_in_the_windows_still_kept(tmp_path: Path) -> No
                 http, f"{worker.url}/accounts/never-seen/aggregates?window=1m&at={t3d}"
             )
             assert (status, body["error"]) == (404, "unknown_account")
+            # /history agrees: the dropped windows' snapshots were recomputed from the stored
+            # transactions when the late events came (the live bucket held only them).
+            url = f"{base}/history?window=1m&from={t3d - 3_600_000}&to={now + 60_000}"
+            status, body = await get_json(http, url)
+            assert status == 200, body
+            items = body["items"]
+            assert [i["window_start"] for i in items] == [
+                format_ms(t3d - t3d % 60_000),
+                format_ms(now - now % 60_000),
+            ]
+            assert {f: items[0][f] for f in figures} == {f: stored[f] for f in figures}
+            assert items[0]["currencies"] == stored["currencies"]
+            assert items[1]["count"] == 1
+            t10d = late["t-10d"][0]
+            url = f"{base}/history?window=1h&from={t10d - 3_600_000}&to={t10d + 1}"
+            status, body = await get_json(http, url)
+            assert [i["count"] for i in body["items"]] == [1]
         assert worker.running
         with psycopg.connect(db) as conn:
             snapshots = conn.execute(
                 "SELECT window_size, count(*) FROM finflow.window_snapshots"
                 " WHERE account_id = 'acct-late' GROUP BY window_size"
             ).fetchall()
-        assert dict(snapshots) == {"1m": 1, "1h": 2, "1d": 3}
+        assert dict(snapshots) == {"1m": 3, "1h": 3, "1d": 3}  # late ones refreshed
 
 
 async def wait_stored(db: str, account: str, count: int, timeout_s: float = 30) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from finflow.db.writer import AuditRow, SnapshotRow, TxnRow, write_batch
+from finflow.db.writer import AuditRow, Refresh, SnapshotRow, TxnRow, write_batch
 from models.alerts import Alert
 
 Conn = psycopg.AsyncConnection[Any]
@@ -254,3 +254,74 @@ def test_dead_letter_rows_are_json() -> None:
 
     row = _jsonable(snap(1, currencies={"USD": {"sum": "1.00", "n": [1, 2]}}))
     assert json.loads(json.dumps(row))["window_start"] == (T0 + timedelta(minutes=1)).isoformat()
+
+
+async def test_a_refreshed_window_is_recomputed_from_the_stored_transactions(
+    migrated: Conn,
+) -> None:
+    """A window the live state dropped gets its snapshot from every stored transaction of it
+    (those of earlier batches too), in exact minor units of each currency, and the same
+    again when the batch is replayed; the live bucket held only the late events."""
+    start = ms(T0.replace(second=0))
+    minute = [
+        txn(1, account_id="acct-r", event_ms=start + 1_000, merchant_id="m-1"),
+        txn(2, account_id="acct-r", event_ms=start + 2_000, merchant_id="m-2"),
+        txn(
+            3,
+            account_id="acct-r",
+            event_ms=start + 3_000,
+            amount_minor=-1_234_567,
+            minor_digits=3,
+            currency="KWD",
+            merchant_id="m-1",
+        ),
+        txn(
+            4,
+            account_id="acct-r",
+            event_ms=start + 59_999,
+            amount_minor=999_999_999_999,
+            minor_digits=0,
+            currency="JPY",
+            merchant_id=None,
+        ),
+    ]
+    outside = txn(5, account_id="acct-r", event_ms=start + 60_000)  # the next minute
+    stale = snap(0, version=9, account_id="acct-r", events=1, start_ms=start, end_ms=start + 60_000)
+    await write_batch(migrated, [*minute[:2], outside], [stale])  # before the window was dropped
+    refresh = [Refresh("acct-r", "1m", start, start + 60_000, v) for v in (10, 12, 11)]
+    for _ in range(2):  # replayed: the same snapshot
+        assert await write_batch(migrated, minute[2:], [], refresh=refresh) == 0
+        stored = await rows(migrated, SNAP_SELECT)
+        assert stored == [
+            (
+                "acct-r",
+                "1m",
+                at_ms(start),
+                at_ms(start + 60_000),
+                4,
+                2,
+                at_ms(start + 1_000),
+                at_ms(start + 59_999),
+                {
+                    "USD": [2, 100 * 1 + 1 + 100 * 2 + 1, 101, 201],
+                    "KWD": [1, -1_234_567, -1_234_567, -1_234_567],
+                    "JPY": [1, 999_999_999_999, 999_999_999_999, 999_999_999_999],
+                },
+                12,
+            )
+        ]
+
+
+async def test_a_refresh_follows_a_batch_stored_row_by_row(migrated: Conn) -> None:
+    """A batch with a row COPY cannot format is stored row by row; its refresh still runs,
+    after the rows, and keeps a sum beyond 64 bits exact."""
+    start = ms(T0.replace(second=0))
+    wide = txn(
+        1, account_id="acct-w", event_ms=start, amount_minor=2**70, minor_digits=0, currency="JPY"
+    )
+    refresh = [Refresh("acct-w", "1m", start, start + 60_000, 1)]
+    assert await write_batch(migrated, [wide], [], refresh=refresh) == 0
+    stored = await rows(migrated, SNAP_SELECT)
+    assert [(r[0], r[4], r[8]) for r in stored] == [
+        ("acct-w", 1, {"JPY": [1, 2**70, 2**70, 2**70]})
+    ]

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from agents.processor import IngestProcessor, Outputs, key_partition
-from finflow.db.writer import SnapshotRow
+from finflow.db.writer import Refresh, SnapshotRow
 from finflow.settings import from_env
 from tables.state import AccountState
 
@@ -254,6 +254,24 @@ def test_an_account_whose_last_record_in_the_batch_is_not_applied_is_still_writt
     proc.commit(batch)
     assert stored_count(table) == module.CHUNK
     assert proc.unreleased == 0
+
+
+def test_a_late_event_beyond_a_sizes_retention_names_that_window_for_a_refresh() -> None:
+    """Three days late: the minute window is dropped at once (kept two days), so its stored
+    snapshot is to be recomputed from the stored transactions; hour and day are live rows."""
+    table = DictTable()
+    proc = processor(table)
+    proc.rows = True
+    now = NOW + 3 * 86_400_000
+    batch = proc.process([record(0, "t-late"), record(1, "t-recent")], now_ms=now)
+    late_minute = NOW - NOW % 60_000
+    assert batch.refresh == [Refresh("acc-1", "1m", late_minute, late_minute + 60_000, 2)]
+    assert {(r.window_size, r.start_ms) for r in batch.snapshots.rows()} == {
+        ("1h", NOW - NOW % 3_600_000),
+        ("1d", NOW - NOW % 86_400_000),
+    }
+    on_time = proc.process([record(2, "t-now", amount="1.00")], now_ms=NOW + 2)
+    assert on_time.refresh == []
 
 
 def test_a_bad_send_time_header_is_ignored_not_fatal() -> None:
