@@ -86,8 +86,7 @@ class Render:
     def expired(self, now_ms: int, retention: Retention) -> bool:
         """Whether the range begins before what the live state keeps of its window size (the
         processor drops such buckets: :meth:`AccountState.prune`)."""
-        index = tuple(WINDOW_SIZES).index(self.size)
-        return self.start_ms <= now_ms - retention.window_ms[index] - WINDOW_SIZES[self.size]
+        return self.start_ms <= retention.cutoff_ms(tuple(WINDOW_SIZES).index(self.size), now_ms)
 
 
 def aggregates_render(query: Mapping[str, str]) -> Render:

@@ -53,6 +53,11 @@ class Retention:
     def longest_ms(self) -> int:
         return max(self.window_ms)
 
+    def cutoff_ms(self, index: int, now_ms: int) -> int:
+        """Windows of size ``index`` (0: 1m, 1: 1h, 2: 1d) starting at or before this are
+        dropped from the live state at ``now_ms``."""
+        return now_ms - self.window_ms[index] - _SIZES[index]
+
 
 _SIZES = tuple(windows.WINDOW_SIZES.values())
 _NAMES = tuple(windows.WINDOW_SIZES)
@@ -225,7 +230,7 @@ class AccountState:
         self.data["u"] = updated_ms
         oldest = self.data["m"]
         for index, buckets in enumerate(self.data["w"]):
-            cutoff = now_ms - retention.window_ms[index] - _SIZES[index]
+            cutoff = retention.cutoff_ms(index, now_ms)
             if oldest[index] is None or oldest[index] > cutoff:
                 continue  # nothing of this size has expired
             for key in [k for k in buckets if int(k) <= cutoff]:
