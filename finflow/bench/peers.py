@@ -20,7 +20,8 @@ RUN_TIMEOUT_S = 900.0
 
 
 def _rate(done: dict[str, float], expected: int) -> dict[str, Any]:
-    """msg/s between the first and the last applied event (the first starts the clock)."""
+    """msg/s between the first and the last applied event (the first starts the clock), and
+    the contender process's CPU microseconds per event over the same span (all its threads)."""
     seconds = done["last"] - done["first"]
     if done["applied"] < 2 or seconds <= 0:
         raise BenchError(f"applied only {done['applied']:.0f} of {expected} records")
@@ -29,6 +30,9 @@ def _rate(done: dict[str, float], expected: int) -> dict[str, Any]:
         "complete": done["applied"] >= expected,
         "seconds": seconds,
         "msg_per_s": (done["applied"] - 1) / seconds,
+        "process_cpu_us_per_txn": (done["cpu_last"] - done["cpu_first"])
+        / max(1.0, done["cpu_applied"] - 1)
+        * 1e6,
     }
 
 

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from finflow import tansu
-from finflow.bench import prom
+from finflow.bench import cpu, prom
 from finflow.bench.config import BenchConfig
 from finflow.bench.procs import BenchError, kill9, spawn, tail
 from finflow.bench.workload import free_port
@@ -173,8 +173,10 @@ async def throughput(
 
     Startup, group join and table recovery happen before the first applied record, so they
     are outside the rate; the records already applied at that first poll are not counted.
+    CPU time by part (:mod:`finflow.bench.cpu`) is sampled at the same two polls.
     """
     first: prom.Scrape | None = None
+    cpu_first: dict[str, float] = {}
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         worker.check_running()
@@ -184,7 +186,7 @@ async def throughput(
             await asyncio.sleep(POLL_S)
             continue
         if first is None and scrape.total(ACCEPTED) > 0:
-            first = scrape
+            first, cpu_first = scrape, cpu.sample(worker.pid)
         complete = scrape.total(ACCEPTED) >= expected
         if first is not None and (complete or scrape.at - first.at >= max_s):
             counted = scrape.total(ACCEPTED) - first.total(ACCEPTED)
@@ -198,6 +200,7 @@ async def throughput(
                 "counted": counted,
                 "seconds": seconds,
                 "msg_per_s": counted / seconds,
+                "cpu": cpu.per_transaction(cpu_first, cpu.sample(worker.pid), counted),
             }
         await asyncio.sleep(POLL_S)
     raise BenchError(f"{worker.name}: did not apply {expected} records: {tail(worker.log)}")

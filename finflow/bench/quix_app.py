@@ -3,7 +3,9 @@
 Standalone: it imports nothing from FinFlow. Arguments: broker, expected count, state dir,
 consumer group, grace ms, session timeout ms, measuring seconds, result file. It stops after
 ``expected`` updates or the measuring seconds, and writes how many updates it made, the
-monotonic times of the first and the last, and of the stop after the final checkpoint.
+monotonic times of the first and the last, and of the stop after the final checkpoint, and
+the process's CPU time (all threads) at the first update and at a later one, with the updates
+made by then.
 """
 
 from __future__ import annotations
@@ -41,21 +43,26 @@ def main(argv: list[str]) -> int:
     )
     topic = app.topic("transactions", value_deserializer="json", timestamp_extractor=_event_ms)
     marks = {"applied": 0, "first": 0.0, "last": 0.0}
+    count = int(expected)
 
     def tick(_row: Any) -> None:
         now = time.monotonic()
         if marks["applied"] == 0:
-            marks["first"] = now
+            marks["first"], marks["cpu_first"] = now, time.process_time()
         marks["applied"] += 1
         marks["last"] = now
-        if now - marks["first"] >= float(max_seconds):
+        timed_out = now - marks["first"] >= float(max_seconds)
+        if timed_out or marks["applied"] % 1024 == 0 or marks["applied"] >= count:
+            # CPU of every thread of the process, and the updates it covers
+            marks["cpu_last"], marks["cpu_applied"] = time.process_time(), marks["applied"]
+        if timed_out:
             app.stop()
 
     sdf = app.dataframe(topic)
     sdf = sdf.apply(lambda v: float(v["amount"]))
     sdf = sdf.tumbling_window(60_000, grace_ms=int(grace_ms)).agg(count=Count(), sum=Sum())
     sdf = sdf.current().update(tick)
-    app.run(count=int(expected), timeout=60.0, collect=False)
+    app.run(count=count, timeout=60.0, collect=False)
     marks["stopped"] = time.monotonic()
     with open(out, "w") as fh:
         json.dump(marks, fh)

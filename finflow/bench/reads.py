@@ -45,6 +45,7 @@ from yarl import URL
 
 from finflow.bench import prom
 from finflow.bench.config import BenchConfig
+from finflow.bench.cpu import machine_busy_s, process_cpu_s
 from finflow.bench.pipeline import (
     ACCEPTED,
     FINFLOW,
@@ -91,27 +92,10 @@ VERSUS = (
     ("cached", "uncached_api"),
     ("cached_under_load", "uncached_owner_under_load"),
 )
-_TICK = os.sysconf("SC_CLK_TCK")
 _LOAD_ERRORS = (aiohttp.ClientError, RedisError, OSError, TimeoutError)
 
 #: One request: None when it answered as expected, else what went wrong.
 Call = Callable[[random.Random], Awaitable[str | None]]
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` so far (``/proc/PID/stat``); 0 once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def machine_busy_s() -> float:
-    """CPU seconds the whole machine spent busy (not idle or waiting for I/O) so far."""
-    with open("/proc/stat") as fh:
-        values = [int(v) for v in fh.readline().split()[1:9]]
-    return (sum(values) - values[3] - values[4]) / _TICK
 
 
 @dataclass

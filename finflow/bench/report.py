@@ -11,10 +11,12 @@ import orjson
 
 RAW = "raw_aiokafka"
 TEXTBOOK = "textbook_faust"
+QUIX = "quix_streams"
+FINFLOW = ("finflow_sink_off", "finflow_sink_on")
 LABELS = {
     RAW: "raw aiokafka + orjson",
     TEXTBOOK: "textbook Faust (windowed table)",
-    "quix_streams": "Quix Streams 3.28.1",
+    QUIX: "Quix Streams 3.28.1",
     "finflow_sink_off": "FinFlow, storage off",
     "finflow_sink_on": "FinFlow, storage and cache on",
 }
@@ -33,14 +35,23 @@ READ_LABELS = {
 
 
 def ratios(contenders: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
-    """Each measured contender's msg/s over the raw and the textbook baselines'."""
+    """Each measured contender's msg/s over the raw and the textbook baselines'; for FinFlow's,
+    also each peer's process CPU per event over the worker process's per transaction (above
+    1: the worker spends less CPU on a transaction than the peer on an event)."""
     raw = contenders[RAW]["msg_per_s"]
     textbook = contenders[TEXTBOOK]["msg_per_s"]
-    return {
+    out = {
         name: {"vs_raw": c["msg_per_s"] / raw, "vs_textbook": c["msg_per_s"] / textbook}
         for name, c in contenders.items()
         if "msg_per_s" in c
     }
+    for name in FINFLOW:
+        worker_us = contenders.get(name, {}).get("cpu", {}).get("worker_us_per_txn", 0.0)
+        for peer in (TEXTBOOK, QUIX):
+            peer_us = contenders.get(peer, {}).get("process_cpu_us_per_txn", 0.0)
+            if worker_us > 0 and peer_us > 0:
+                out[name][f"cpu_per_txn_vs_{peer}"] = peer_us / worker_us
+    return out
 
 
 def trend(points: Sequence[tuple[float, float]]) -> dict[str, float]:
@@ -117,6 +128,42 @@ def table(results: Mapping[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _us_and_cores(cpu: Mapping[str, Any], part: str) -> str:
+    return f"{cpu['us_per_txn'][part]:.1f} ({cpu['cores'][part]:.2f})"
+
+
+def cpu_table(results: Mapping[str, Any]) -> str:
+    """Where the time goes: CPU microseconds per transaction of each part of the machine,
+    storage off and on, the rates those costs allow, and the peers' own processes."""
+    cons = results["contenders"]
+    measured = [name for name in FINFLOW if "cpu" in cons.get(name, {})]
+    if not measured:
+        return "where the time goes: not measured"
+    head = ("CPU us per transaction (cores)", *(LABELS[name] for name in measured))
+    cpus = [cons[n]["cpu"] for n in measured]
+    rows = [head]
+    for part in cpus[0]["us_per_txn"]:
+        rows.append((part, *(_us_and_cores(c, part) for c in cpus)))
+    for label, key in (("worker process", "worker_us_per_txn"), ("total", "total_us_per_txn")):
+        rows.append((label, *(f"{c[key]:.1f}" for c in cpus)))
+    for label, key in (
+        ("rate with every CPU busy (msg/s)", "machine_bound_msg_per_s"),
+        ("rate with the event loop always busy", "event_loop_bound_msg_per_s"),
+    ):
+        rows.append((label, *(f"{c[key]:,.0f}" for c in cpus)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    peers = [
+        f"{LABELS[p]} {cons[p]['process_cpu_us_per_txn']:.1f} us"
+        for p in (TEXTBOOK, QUIX)
+        if "process_cpu_us_per_txn" in cons.get(p, {})
+    ]
+    if peers:
+        lines.append("peers' own processes (all threads) per event: " + ", ".join(peers))
     return "\n".join(line.rstrip() for line in lines)
 
 

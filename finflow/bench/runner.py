@@ -382,6 +382,7 @@ def run(conf: BenchConfig) -> dict[str, Any]:
             shutil.rmtree(state, ignore_errors=True)
     report.write(conf.out, results)
     print(report.table(results))
+    print(report.cpu_table(results))
     print(report.reads_table(results))
     print(report.summary(results))
     print(f"results: {conf.out}  logs: {conf.work_dir}")

@@ -5,7 +5,8 @@ Run as its own worker process (``python -m finflow.bench.textbook_app``), config
 keeps ``[count, sum]`` in a RocksDB-backed table; Faust's defaults otherwise. When it has
 applied ``BENCH_EXPECTED`` events, or ``BENCH_MAX_SECONDS`` after its first, it writes
 ``BENCH_DONE_FILE``: how many and the monotonic times of the first and the last applied
-event, so group join and startup stay outside the measured rate.
+event, so group join and startup stay outside the measured rate, and the process's CPU time
+(all threads) at both.
 """
 
 from __future__ import annotations
@@ -73,16 +74,24 @@ class Progress:
     def __init__(self) -> None:
         self.applied = 0
         self.first = 0.0
+        self.cpu_first = 0.0
         self.done = False
 
     def tick(self) -> None:
         now = time.monotonic()
         if self.applied == 0:
-            self.first = now
+            self.first, self.cpu_first = now, time.process_time()
         self.applied += 1
         if not self.done and (self.applied >= EXPECTED or now - self.first >= MAX_SECONDS):
             self.done = True
-            body = {"applied": self.applied, "first": self.first, "last": now}
+            body = {
+                "applied": self.applied,
+                "first": self.first,
+                "last": now,
+                "cpu_first": self.cpu_first,
+                "cpu_last": time.process_time(),  # every thread of the process
+                "cpu_applied": self.applied,
+            }
             tmp = DONE_FILE.with_suffix(".tmp")
             tmp.write_bytes(orjson.dumps(body))
             tmp.replace(DONE_FILE)

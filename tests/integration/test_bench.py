@@ -145,6 +145,31 @@ def test_memory_and_recovery(smoke: tuple[subprocess.CompletedProcess[str], Any]
     assert recovery["changelog_records"] >= results["config"]["accounts"]
 
 
+def test_where_the_time_goes(smoke: tuple[subprocess.CompletedProcess[str], Any]) -> None:
+    done, results = smoke
+    assert "CPU us per transaction (cores)" in done.stdout
+    cons = results["contenders"]
+    for name in ("finflow_sink_off", "finflow_sink_on"):
+        figures = cons[name]["cpu"]
+        us = figures["us_per_txn"]
+        assert positive(us["worker: event loop thread"]), (name, us)
+        assert all(non_negative(v) for v in us.values()), (name, us)
+        worker = sum(v for k, v in us.items() if k.startswith("worker:"))
+        assert figures["worker_us_per_txn"] == pytest.approx(worker)
+        assert figures["total_us_per_txn"] == pytest.approx(sum(us.values()))
+        assert positive(figures["machine_bound_msg_per_s"])
+        # nothing runs faster than its event loop allows
+        assert figures["event_loop_bound_msg_per_s"] >= 0.9 * cons[name]["msg_per_s"]
+        textbook_us = cons["textbook_faust"]["process_cpu_us_per_txn"]
+        assert results["ratios"][name]["cpu_per_txn_vs_textbook_faust"] == pytest.approx(
+            textbook_us / figures["worker_us_per_txn"]
+        )
+    # storage on: the database works for the worker (Redis's share of a smoke run can be
+    # below the kernel's 10 ms accounting tick)
+    assert positive(cons["finflow_sink_on"]["cpu"]["us_per_txn"]["PostgreSQL"])
+    assert positive(cons["textbook_faust"]["process_cpu_us_per_txn"])
+
+
 def share(results: dict[str, float], process: str, result: str) -> float:
     """The share of ``process``'s cache lookups that ended as ``result``."""
     mine = {k: v for k, v in results.items() if k.startswith(f"{process}.")}
