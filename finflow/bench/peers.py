@@ -25,15 +25,16 @@ def _rate(done: dict[str, float], expected: int) -> dict[str, Any]:
     seconds = done["last"] - done["first"]
     if done["applied"] < 2 or seconds <= 0:
         raise BenchError(f"applied only {done['applied']:.0f} of {expected} records")
-    return {
+    out = {
         "records": done["applied"],
         "complete": done["applied"] >= expected,
         "seconds": seconds,
         "msg_per_s": (done["applied"] - 1) / seconds,
-        "process_cpu_us_per_txn": (done["cpu_last"] - done["cpu_first"])
-        / max(1.0, done["cpu_applied"] - 1)
-        * 1e6,
     }
+    if done.get("cpu_applied", 0) >= 2:  # the CPU was read at a later update too
+        cpu_s = done["cpu_last"] - done["cpu_first"]
+        out["process_cpu_us_per_txn"] = cpu_s / (done["cpu_applied"] - 1) * 1e6
+    return out
 
 
 async def textbook(conf: BenchConfig, bootstrap: str, expected: int, work: Path) -> dict[str, Any]:

@@ -43,6 +43,11 @@ METHODS = {
     "own app id, deleted afterwards), storage off = both off; /metrics polled every 100 ms; "
     "rate = accepted transactions between the first poll that saw one applied and the poll "
     "that saw all",
+    "cpu": "where the time goes: user + system CPU from /proc of the worker's event loop "
+    "thread, its other threads (Python; RocksDB's own), every PostgreSQL, Redis and broker "
+    "process, and the machine's busy time (the rest), sampled at the two polls that time a "
+    "FinFlow contender; per counted transaction and per second (cores). Peers: their own "
+    "process's CPU (all threads, time.process_time) from their first update to a later one",
     "measure_seconds": "every throughput contender is timed until it applied the whole stream "
     "or for measure_seconds after its first record ('complete' says which)",
     "sustained": "loadgen at fractions of FinFlow's storage-on rate, on a fresh broker, "
