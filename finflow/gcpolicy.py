@@ -15,7 +15,8 @@ per-record time. FinFlow's own data is acyclic (reference counting frees it), so
   its pause is measured (``finflow_gc_full_seconds``).
 
 Native memory is the other half: :func:`limit_malloc_arenas` caps glibc's malloc arenas for
-the worker process, as ``MALLOC_ARENA_MAX`` would.
+the worker process, as ``MALLOC_ARENA_MAX`` would, and :func:`collect` ends with
+:func:`trim_heap`, which hands the free pages inside the C heap back to the system.
 """
 
 from __future__ import annotations
@@ -64,8 +65,25 @@ def install() -> None:
 
 
 def collect() -> int:
-    """One full collection, timed; the number of unreachable objects found."""
+    """One full collection and a heap trim, timed together; the number of unreachable objects
+    found."""
     started = time.perf_counter()
     found = gc.collect()
+    trim_heap()
     metrics.GC_FULL_SECONDS.observe(time.perf_counter() - started)
     return found
+
+
+def trim_heap() -> bool:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim(0)``).
+
+    glibc gives memory back on its own only from the top of a heap. A backlog's big batches
+    leave free space below live blocks, which RSS keeps counting after the backlog is gone:
+    measured at 2,500/s, each lag spike raised RSS by ~20 MB for good. True when memory was
+    released; False when none was, or the C library is not glibc.
+    """
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    return bool(trim(0))

@@ -66,7 +66,9 @@ CACHE_PUBLISHED = Counter(
 )
 ALERTS = Counter("finflow_alerts", "Alerts raised, by rule", ["rule"])
 GC_FULL_SECONDS = Histogram(
-    "finflow_gc_full_seconds", "Pause of the timed full garbage collection", buckets=_LATENCY
+    "finflow_gc_full_seconds",
+    "Pause of the timed full garbage collection and heap trim",
+    buckets=_LATENCY,
 )
 HTTP_REQUESTS = Counter("finflow_http_requests", "HTTP requests", ["route", "status"])
 HTTP_SECONDS = Histogram(
