@@ -25,6 +25,7 @@ import ctypes
 import gc
 import os
 import time
+from typing import Any
 
 from finflow import metrics
 
@@ -49,11 +50,16 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     """
     if os.environ.get("MALLOC_ARENA_MAX"):
         return False
+    mallopt = _glibc("mallopt")
+    return mallopt is not None and bool(mallopt(_M_ARENA_MAX, arenas))
+
+
+def _glibc(name: str) -> Any:
+    """glibc's function ``name``, or None when the C library is not glibc."""
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        return getattr(ctypes.CDLL("libc.so.6"), name)
     except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_ARENA_MAX, arenas))
+        return None
 
 
 def install() -> None:
@@ -82,8 +88,5 @@ def trim_heap() -> bool:
     measured at 2,500/s, each lag spike raised RSS by ~20 MB for good. True when memory was
     released; False when none was, or the C library is not glibc.
     """
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return False
-    return bool(trim(0))
+    trim = _glibc("malloc_trim")
+    return trim is not None and bool(trim(0))
