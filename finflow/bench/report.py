@@ -83,6 +83,14 @@ def _latency(lat: Mapping[str, Any] | None) -> str:
     return "/".join(_ms(lat[k]) for k in ("p50", "p95", "p99"))
 
 
+def _aligned(rows: Sequence[Sequence[str]]) -> list[str]:
+    """``rows`` (the first one the header) as left-aligned columns, a rule under the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
 def table(results: Mapping[str, Any]) -> str:
     """One table: contender, records timed, msg/s, vs raw, vs textbook, latency percentiles."""
     head = (
@@ -125,9 +133,7 @@ def table(results: Mapping[str, Any]) -> str:
                 _latency(ph["readable_latency_s"]),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = _aligned(rows)
     return "\n".join(line.rstrip() for line in lines)
 
 
@@ -154,9 +160,7 @@ def cpu_table(results: Mapping[str, Any]) -> str:
         ("rate with the event loop always busy", "event_loop_bound_msg_per_s"),
     ):
         rows.append((label, *(f"{c[key]:,.0f}" for c in cpus)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = _aligned(rows)
     peers = [
         f"{LABELS[p]} {cons[p]['process_cpu_us_per_txn']:.1f} us"
         for p in (TEXTBOOK, QUIX)
@@ -207,9 +211,7 @@ def reads_table(results: Mapping[str, Any]) -> str:
                 f"{m['applied_msg_per_s']:,.0f}" if "load" in m else "",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = _aligned(rows)
     for key, v in rat.items():
         if "_vs_" in key and "p99_speedup" in v:
             fast, slow = key.split("_vs_")
